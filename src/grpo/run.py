@@ -1,0 +1,192 @@
+"""Recipes behind the CLI: a whole training run and a standalone evaluation, with their files."""
+
+from __future__ import annotations
+
+import json
+import random
+import resource
+import statistics
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from grpo.config import GRPOConfig, to_dict
+from grpo.data import Row, load_rows, render_prompt
+from grpo.errors import DataError, ModelError
+from grpo.eval import evaluate
+from grpo.models import (
+    load_causal_lm,
+    load_policy,
+    load_tokenizer,
+    pick_dtype,
+    resolve_model,
+    save_final_model,
+)
+from grpo.rewards import BUILTIN_REWARDS, Reward, build_rewards
+from grpo.tasks import DEFAULT_EVAL_SPLIT, TASKS
+from grpo.trainer import GRPOTrainer
+
+FINAL_MODEL = "final_model"
+
+
+def default_output_dir(config: GRPOConfig) -> Path:
+    name = Path(config.dataset).stem or "run"
+    return Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def eval_rows_for(config: GRPOConfig) -> list[Row] | None:
+    if config.eval_dataset is not None:
+        rows = load_rows(config.eval_dataset, DEFAULT_EVAL_SPLIT)
+    elif config.dataset in TASKS:
+        rows = load_rows(config.dataset, DEFAULT_EVAL_SPLIT)
+    else:
+        return None
+    return rows[: config.eval_max_samples] if config.eval_max_samples else rows
+
+
+def check_reward_columns(rows: list[Row], rewards: list[Reward], where: str) -> None:
+    """The built-in accuracy reward needs an ``answer`` in every row; say which row lacks it."""
+    if any(r.func is BUILTIN_REWARDS["accuracy"] for r in rewards):
+        for number, row in enumerate(rows, start=1):
+            if row.get("answer") is None:
+                raise DataError(f"{where}: row {number}: missing field 'answer' (the accuracy reward needs it)")
+
+
+def check_prompt_lengths(rows: list[Row], tokenizer: Any, limit: int, where: str) -> None:
+    for number, row in enumerate(rows, start=1):
+        length = len(tokenizer(render_prompt(row["prompt"], tokenizer), add_special_tokens=False).input_ids)
+        if length > limit:
+            raise DataError(f"{where}: row {number}: the prompt has {length} tokens, more than max_prompt_length = {limit}")
+
+
+def run_training(config: GRPOConfig, console: Console) -> dict[str, Any]:
+    started = time.perf_counter()
+    # Everything that can be wrong with the input is checked before the model is loaded.
+    train_rows = load_rows(config.dataset, "train")
+    eval_rows = eval_rows_for(config)
+    rewards = build_rewards(config.reward_funcs, config.reward_weights)
+    check_reward_columns(train_rows, rewards, config.dataset)
+    if eval_rows is not None:
+        check_reward_columns(eval_rows, rewards, config.eval_dataset or config.dataset)
+    output_dir = Path(config.output_dir) if config.output_dir else default_output_dir(config)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    seed_everything(config.seed)
+
+    console.print(f"[bold]grpo[/] training {config.model_name_or_path} on {config.dataset} → {output_dir}")
+    models, tokenizer = load_policy(config)
+    check_prompt_lengths(train_rows, tokenizer, config.max_prompt_length, config.dataset)
+    policy = models.policy
+
+    def held_out(tag: str) -> dict[str, float] | None:
+        if eval_rows is None:
+            return None
+        summary, records = evaluate(
+            policy, tokenizer, eval_rows, rewards, max_completion_length=config.max_completion_length,
+            max_prompt_length=config.max_prompt_length,
+        )  # fmt: skip
+        _write_json(output_dir / f"eval_{tag}.json", {"summary": summary, "rows": records})
+        console.print(f"held-out ({tag}): solved {summary['solved']:.1%} of {len(records)}")
+        return summary
+
+    before = held_out("before") if config.eval_on_start else None
+    trainer = GRPOTrainer(config, models, tokenizer, rewards, train_rows, output_dir)
+    columns = (TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
+               TimeElapsedColumn())  # fmt: skip
+    during: list[dict[str, Any]] = []
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("train", total=config.max_steps, info="sampling…")
+
+        def report(step: int, metrics: dict[str, float]) -> None:
+            info = (f"reward {metrics['reward']:.2f}  kl {metrics.get('kl', 0.0):.4f}  "
+                    f"{metrics['step_time']:.1f}s/step")  # fmt: skip
+            progress.update(task, completed=step, info=info)
+            if config.eval_steps and step % config.eval_steps == 0 and step < config.max_steps:
+                during.append({"step": step, **(held_out(f"step{step}") or {})})
+
+        history = trainer.train(progress=report)
+    after = held_out("after")
+    save_final_model(policy, tokenizer, output_dir / FINAL_MODEL)
+
+    step_times = [m["step_time"] for m in history]
+    window = max(1, min(5, len(history) // 4))
+    summary = {
+        "output_dir": str(output_dir),
+        "final_model": str(output_dir / FINAL_MODEL),
+        "steps": len(history),
+        "seconds_per_step_median": statistics.median(step_times) if step_times else None,
+        "peak_memory_mb": round(peak_memory_mb()),
+        "reward_first_steps": statistics.mean(m["reward"] for m in history[:window]) if history else None,
+        "reward_last_steps": statistics.mean(m["reward"] for m in history[-window:]) if history else None,
+        "held_out_solved_before": before["solved"] if before else None,
+        "held_out_solved_after": after["solved"] if after else None,
+        "held_out_during": during,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    _write_json(output_dir / "summary.json", summary)
+    console.print(f"run files: {output_dir}")
+    if before and after:
+        console.print(
+            f"held-out solved (right answer in the asked format): {before['solved']:.1%} → {after['solved']:.1%}"
+        )
+    return summary
+
+
+def load_for_eval(model: str) -> tuple[torch.nn.Module, Any]:
+    """A model directory, a run directory (its final model), a checkpoint (adapter or full), or a name."""
+    path = Path(model)
+    if (path / FINAL_MODEL / "config.json").is_file():
+        path = path / FINAL_MODEL
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base:
+            raise ModelError(f"{path}: adapter_config.json names no base model")
+        tokenizer = load_tokenizer(base)
+        policy = PeftModel.from_pretrained(load_causal_lm(base, pick_dtype("auto")), path)
+        return policy, tokenizer
+    resolved = resolve_model(str(path) if path.exists() else model)
+    return load_causal_lm(resolved, pick_dtype("auto")), load_tokenizer(resolved)
+
+
+def run_eval(
+    model: str, dataset: str, split: str, reward_funcs: list[str], *, num_samples: int, temperature: float,
+    max_completion_length: int, max_samples: int, output: Path | None, seed: int,
+) -> dict[str, Any]:  # fmt: skip
+    rows = load_rows(dataset, split)
+    rows = rows[:max_samples] if max_samples else rows
+    rewards = build_rewards(reward_funcs)
+    check_reward_columns(rows, rewards, dataset)
+    seed_everything(seed)
+    policy, tokenizer = load_for_eval(model)
+    summary, records = evaluate(
+        policy, tokenizer, rows, rewards, max_completion_length=max_completion_length,
+        num_samples=num_samples, temperature=temperature,
+    )  # fmt: skip
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(output, {"model": model, "dataset": dataset, "summary": summary, "rows": records})
+    return summary
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=1) + "\n")

@@ -1,0 +1,219 @@
+"""The GRPO training loop: sample groups, score them, and take clipped policy-gradient steps.
+
+One step: take ``prompts_per_step`` prompts, sample ``num_generations`` completions for each, score them with
+the reward functions, turn the rewards into group-relative advantages, then make ``num_iterations`` optimizer
+updates over the batch in micro-batches. The math lives in :mod:`grpo.advantages` and :mod:`grpo.losses`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import get_scheduler
+
+from grpo.advantages import group_advantages, zero_std_group_fraction
+from grpo.checkpoint import CHECKPOINT_PREFIX, prune_checkpoints, save_checkpoint
+from grpo.config import GRPOConfig, to_dict
+from grpo.data import PromptSampler, Row, render_prompt, reward_columns
+from grpo.eval import chat_completions
+from grpo.losses import policy_loss
+from grpo.models import PolicyAndReference, trainable_parameters
+from grpo.rewards import Reward, score, weighted_sum
+from grpo.rollout import Rollout, completion_logps, generate
+
+
+@dataclass
+class ScoredBatch:
+    """A step's rollout with its rewards and advantages."""
+
+    rollout: Rollout
+    rewards: torch.Tensor  # (N,) weighted sum
+    scores: torch.Tensor  # (N, F) per function, NaN = not applicable
+    advantages: torch.Tensor  # (N,)
+
+
+class GRPOTrainer:
+    def __init__(
+        self,
+        config: GRPOConfig,
+        models: PolicyAndReference,
+        tokenizer: Any,
+        rewards: Sequence[Reward],
+        train_rows: list[Row],
+        output_dir: Path,
+        on_step: Callable[[int, dict[str, float]], None] | None = None,
+    ):
+        self.config = config
+        self.models = models
+        self.policy = models.policy
+        self.tokenizer = tokenizer
+        self.rewards = list(rewards)
+        self.output_dir = output_dir
+        self.on_step = on_step
+        self.sampler = PromptSampler(train_rows, config.prompts_per_step, config.seed, config.shuffle_dataset)
+        self.step = 0
+        params = list(trainable_parameters(self.policy).values())
+        self.optimizer = torch.optim.AdamW(
+            params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+            weight_decay=config.weight_decay,
+        )  # fmt: skip
+        self.scheduler = get_scheduler(
+            config.lr_scheduler_type, self.optimizer, num_warmup_steps=config.warmup_steps,
+            num_training_steps=config.max_steps * config.num_iterations,
+        )  # fmt: skip
+        self.device = next(self.policy.parameters()).device
+
+    # --- one step ----------------------------------------------------------------------------------------
+    def sample_and_score(self, rows: list[Row]) -> ScoredBatch:
+        c = self.config
+        prompts = [render_prompt(row["prompt"], self.tokenizer) for row in rows]
+        rollout = generate(
+            self.policy, self.tokenizer, prompts, num_generations=c.num_generations,
+            max_completion_length=c.max_completion_length, max_prompt_length=c.max_prompt_length,
+            temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, batch_size=c.generation_batch_size,
+        )  # fmt: skip
+        g = c.num_generations
+        columns = reward_columns(rows, g)
+        repeated_prompts = [row["prompt"] for row in rows for _ in range(g)]
+        scores = score(
+            self.rewards, repeated_prompts, chat_completions(rows, rollout.texts, g), columns,
+            completion_ids=[ids[m.bool()].tolist() for ids, m in zip(rollout.completion_ids, rollout.completion_mask)],
+        )  # fmt: skip
+        total = weighted_sum(scores, self.rewards)
+        advantages = group_advantages(total, g, c.scale_rewards)
+        return ScoredBatch(rollout, total, scores, advantages)
+
+    def train_step(self) -> dict[str, float]:
+        c = self.config
+        started = time.perf_counter()
+        batch = self.sample_and_score(self.sampler.batch(self.step))
+        generation_time = time.perf_counter() - started
+
+        rollout = batch.rollout
+        input_ids = rollout.input_ids.to(self.device)
+        attention_mask = rollout.attention_mask.to(self.device)
+        loss_mask = rollout.completion_mask.clone()
+        if c.mask_truncated_completions:
+            loss_mask[rollout.truncated] = 0
+        loss_mask = loss_mask.to(self.device)
+        advantages = batch.advantages.to(self.device)
+        width = rollout.completion_ids.shape[1]
+        micro = c.per_device_train_batch_size
+        slices = [slice(i, i + micro) for i in range(0, len(input_ids), micro)]
+
+        def logps_of(model: torch.nn.Module, s: slice) -> torch.Tensor:
+            return completion_logps(model, input_ids[s], attention_mask[s], width, c.temperature)
+
+        with torch.inference_mode():
+            ref_logps = None
+            if self.models.needs_reference:
+                with self.models.reference() as reference:
+                    ref_logps = torch.cat([logps_of(reference, s) for s in slices])
+            # With one pass the sampling policy is the current one: its log-probs are the current ones, detached.
+            old_logps = torch.cat([logps_of(self.policy, s) for s in slices]) if c.num_iterations > 1 else None
+        if ref_logps is not None:
+            ref_logps = ref_logps.clone()
+        if old_logps is not None:
+            old_logps = old_logps.clone()
+
+        tokens_in_batch = loss_mask.sum()
+        sums: dict[str, float] = defaultdict(float)
+        grad_norms = []
+        self.policy.train()
+        for _ in range(c.num_iterations):
+            for s in slices:
+                logps = logps_of(self.policy, s)
+                loss, metrics = policy_loss(
+                    logps, logps.detach() if old_logps is None else old_logps[s],
+                    None if ref_logps is None else ref_logps[s], advantages[s], loss_mask[s],
+                    epsilon_low=c.epsilon, epsilon_high=c.epsilon_high, beta=c.beta, loss_type=c.loss_type,
+                    max_completion_length=c.max_completion_length,
+                    importance_sampling_level=c.importance_sampling_level, num_items_in_batch=tokens_in_batch,
+                )  # fmt: skip
+                if c.loss_type != "dapo":  # "dapo" already divides by the whole batch's token count
+                    loss = loss / len(slices)
+                loss.backward()
+                sums["loss"] += loss.item() / c.num_iterations
+                for key, value in metrics.items():
+                    sums[key] += value / (len(slices) * c.num_iterations)
+            grad_norms.append(self._optimizer_step())
+        self.step += 1
+        step_time = time.perf_counter() - started
+        return self._step_metrics(batch, loss_mask, sums, grad_norms, generation_time, step_time)
+
+    def _optimizer_step(self) -> float:
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        max_norm = self.config.max_grad_norm or math.inf
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def _step_metrics(
+        self, batch: ScoredBatch, loss_mask: torch.Tensor, sums: dict[str, float],
+        grad_norms: list[float], generation_time: float, step_time: float,
+    ) -> dict[str, float]:  # fmt: skip
+        rollout = batch.rollout
+        lengths = rollout.completion_mask.sum(dim=1).float()
+        m: dict[str, float] = {"step": float(self.step)}
+        m["reward"] = batch.rewards.mean().item()
+        m["reward_std"] = batch.rewards.std().item() if len(batch.rewards) > 1 else 0.0
+        for f, reward in enumerate(self.rewards):
+            column = batch.scores[:, f]
+            present = column[~column.isnan()]
+            m[f"rewards/{reward.name}/mean"] = present.mean().item() if len(present) else math.nan
+            m[f"rewards/{reward.name}/std"] = present.std().item() if len(present) > 1 else 0.0
+        m["advantage/mean"] = batch.advantages.mean().item()
+        m["advantage/std"] = batch.advantages.std().item()
+        m["advantage/abs_max"] = batch.advantages.abs().max().item()
+        m["frac_reward_zero_std"] = zero_std_group_fraction(batch.rewards, self.config.num_generations)
+        m["completions/mean_length"] = lengths.mean().item()
+        m["completions/min_length"] = lengths.min().item()
+        m["completions/max_length"] = lengths.max().item()
+        m["completions/truncated_ratio"] = rollout.truncated.float().mean().item()
+        m.update(sums)
+        m["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        m["learning_rate"] = self.scheduler.get_last_lr()[0]
+        m["generation_time"] = generation_time
+        m["step_time"] = step_time
+        m["tokens_per_second"] = lengths.sum().item() / step_time
+        return m
+
+    # --- the loop ----------------------------------------------------------------------------------------
+    def train(self, progress: Callable[[int, dict[str, float]], None] | None = None) -> list[dict[str, float]]:
+        """Run until ``max_steps``; write metrics.jsonl and checkpoints; return every step's metrics."""
+        c = self.config
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        history = []
+        with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as log:
+            while self.step < c.max_steps:
+                metrics = self.train_step()
+                history.append(metrics)
+                if self.step % c.logging_steps == 0 or self.step == c.max_steps:
+                    log.write(json.dumps(metrics) + "\n")
+                    log.flush()
+                if progress is not None:
+                    progress(self.step, metrics)
+                if self.on_step is not None:
+                    self.on_step(self.step, metrics)
+                if c.save_steps and self.step % c.save_steps == 0 and self.step < c.max_steps:
+                    self.save()
+        self.save()
+        return history
+
+    def save(self) -> Path:
+        state = {"step": self.step, "config": to_dict(self.config)}
+        directory = save_checkpoint(
+            self.output_dir / f"{CHECKPOINT_PREFIX}{self.step}", self.policy, self.optimizer, self.scheduler, state
+        )
+        prune_checkpoints(self.output_dir, self.config.save_total_limit)
+        return directory
