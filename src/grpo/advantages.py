@@ -12,9 +12,7 @@ ScaleRewards = Literal["group", "batch", "none"]
 STD_EPS = 1e-4
 
 
-def group_advantages(
-    rewards: torch.Tensor, group_size: int, scale: ScaleRewards = "group"
-) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: ScaleRewards = "group") -> torch.Tensor:
     """Advantages for a flat tensor of N = groups × group_size rewards, grouped consecutively.
 
     Every reward has its group's mean subtracted. ``scale`` then divides by

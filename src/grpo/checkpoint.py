@@ -20,7 +20,9 @@ from torch import nn
 CHECKPOINT_PREFIX = "checkpoint-"
 
 
-def optimizer_to_safetensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def optimizer_to_safetensors(
+    optimizer: torch.optim.Optimizer,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Split an optimizer's state dict into tensors (for safetensors) and the rest (for JSON)."""
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
@@ -72,7 +74,9 @@ def save_checkpoint(
 def load_training_state(directory: Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
     """Restore optimizer, scheduler and RNG states from a checkpoint; returns its trainer state."""
     meta = json.loads((directory / "optimizer.json").read_text())
-    optimizer.load_state_dict(optimizer_from_safetensors(load_file(directory / "optimizer.safetensors"), meta))
+    optimizer.load_state_dict(
+        optimizer_from_safetensors(load_file(directory / "optimizer.safetensors"), meta)
+    )
     state = json.loads((directory / "trainer_state.json").read_text())
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(load_file(directory / "rng.safetensors")["torch"])
@@ -83,7 +87,9 @@ def load_training_state(directory: Path, optimizer: torch.optim.Optimizer, sched
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
     """Finished checkpoints, oldest first."""
-    found = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.name[len(CHECKPOINT_PREFIX) :].isdigit()]
+    found = [
+        p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.name[len(CHECKPOINT_PREFIX) :].isdigit()
+    ]
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 

@@ -14,7 +14,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -44,21 +44,29 @@ def config_flags(func: Callable) -> Callable:
     docs = field_docs()
     params = [
         inspect.Parameter(
-            "config_file", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+            "config_file",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=Path | None,
             default=typer.Option(None, "--config", help="A YAML file of settings; flags override it."),
-        )  # fmt: skip
+        )
     ]
     for field in dataclasses.fields(GRPOConfig):
         flag = "--" + field.name.replace("_", "-")
         names = [flag] + ([aliases[field.name]] if field.name in aliases else [])
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         if _strip_optional(field_types()[field.name]) is bool:
-            option = typer.Option(None, f"{flag}/--no-{flag[2:]}", help=docs.get(field.name), show_default=str(default))
-            annotation: Any = Optional[bool]
+            option = typer.Option(
+                None, f"{flag}/--no-{flag[2:]}", help=docs.get(field.name), show_default=str(default)
+            )
+            annotation: Any = bool | None
         else:
             option = typer.Option(None, *names, help=docs.get(field.name), show_default=str(default))
-            annotation = Optional[str]
-        params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=option))
+            annotation = str | None
+        params.append(
+            inspect.Parameter(
+                field.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=option
+            )
+        )
 
     @functools.wraps(func)
     def wrapper(config_file: Path | None = None, **flags: Any) -> Any:
@@ -83,16 +91,22 @@ def train(config: GRPOConfig) -> None:
 @app.command("eval")
 @exits_cleanly_on_bad_input
 def evaluate_command(
-    model: str = typer.Option(..., "--model", help="A model directory, a run directory, a checkpoint, or a name."),
-    dataset: str = typer.Option("arithmetic", help="A built-in task, a dataset file, or a `datasets` name."),
-    split: str = typer.Option("test", help="The split of a built-in task or `datasets` dataset."),
-    reward_funcs: str = typer.Option("accuracy,format", help="Comma-separated reward functions."),
-    num_samples: int = typer.Option(1, help="1 = greedy; k > 1 = k samples per row, with pass@k."),
-    temperature: float = typer.Option(1.0, help="Sampling temperature when num_samples > 1."),
-    max_completion_length: int = typer.Option(48, help="Longest completion, in tokens."),
-    max_samples: int = typer.Option(0, help="Score at most this many rows (0 = all)."),
-    output: Path | None = typer.Option(None, help="Write the summary and per-row results here (a .json file)."),
-    seed: int = typer.Option(42, help="Seed for sampling."),
+    model: Annotated[
+        str, typer.Option("--model", help="A model directory, a run directory, a checkpoint, or a name.")
+    ],
+    dataset: Annotated[
+        str, typer.Option(help="A built-in task, a dataset file, or a `datasets` name.")
+    ] = "arithmetic",
+    split: Annotated[str, typer.Option(help="The split of a built-in task or `datasets` dataset.")] = "test",
+    reward_funcs: Annotated[str, typer.Option(help="Comma-separated reward functions.")] = "accuracy,format",
+    num_samples: Annotated[int, typer.Option(help="1 = greedy; k > 1 = k samples per row, with pass@k.")] = 1,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature when num_samples > 1.")] = 1.0,
+    max_completion_length: Annotated[int, typer.Option(help="Longest completion, in tokens.")] = 32,
+    max_samples: Annotated[int, typer.Option(help="Score at most this many rows (0 = all).")] = 0,
+    output: Annotated[
+        Path | None, typer.Option(help="Write the summary and per-row results here (.json).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 42,
 ) -> None:
     """Score a model on a dataset with reward functions: solved rate, per-function means, pass@k."""
     from grpo.run import run_eval
@@ -100,9 +114,17 @@ def evaluate_command(
     if num_samples < 1:
         raise GRPOError(f"num_samples must be at least 1, got {num_samples}")
     summary = run_eval(
-        model, dataset, split, reward_funcs.split(","), num_samples=num_samples, temperature=temperature,
-        max_completion_length=max_completion_length, max_samples=max_samples, output=output, seed=seed,
-    )  # fmt: skip
+        model,
+        dataset,
+        split,
+        reward_funcs.split(","),
+        num_samples=num_samples,
+        temperature=temperature,
+        max_completion_length=max_completion_length,
+        max_samples=max_samples,
+        output=output,
+        seed=seed,
+    )
     print(json.dumps(summary, indent=1))
 
 

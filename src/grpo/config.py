@@ -11,6 +11,8 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import itertools
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -62,7 +64,7 @@ class GRPOConfig:
     # --- generation --------------------------------------------------------------------------------------
     num_generations: int = 8
     """G: completions sampled per prompt. Their rewards are compared with each other."""
-    max_completion_length: int = 48
+    max_completion_length: int = 32
     """Longest completion, in tokens; longer ones are cut and flagged as truncated."""
     temperature: float = 1.0
     """Sampling temperature."""
@@ -121,7 +123,7 @@ class GRPOConfig:
     """Optimizer updates of linear warm-up."""
     max_grad_norm: float = 1.0
     """Clip the gradient's global norm to this (0 = no clipping)."""
-    max_steps: int = 60
+    max_steps: int = 30
     """Training steps; each step samples one batch and makes num_iterations optimizer updates on it."""
     seed: int = 42
     """Seed for data order, sampling and initialisation."""
@@ -153,17 +155,37 @@ class GRPOConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first field whose value cannot work."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value}")
         positive = (
-            "lora_r", "lora_alpha", "max_completion_length", "per_device_train_batch_size",
-            "gradient_accumulation_steps", "num_iterations", "max_steps", "logging_steps", "max_prompt_length",
-        )  # fmt: skip
+            "lora_r",
+            "lora_alpha",
+            "max_completion_length",
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "num_iterations",
+            "max_steps",
+            "logging_steps",
+            "max_prompt_length",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         non_negative = (
-            "beta", "learning_rate", "weight_decay", "max_grad_norm", "warmup_steps", "save_steps",
-            "eval_steps", "eval_max_samples", "top_k", "num_threads", "save_total_limit",
-        )  # fmt: skip
+            "beta",
+            "learning_rate",
+            "weight_decay",
+            "max_grad_norm",
+            "warmup_steps",
+            "save_steps",
+            "eval_steps",
+            "eval_max_samples",
+            "top_k",
+            "num_threads",
+            "save_total_limit",
+        )
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
@@ -202,7 +224,8 @@ class GRPOConfig:
             raise ConfigError("reward_funcs must name at least one reward function")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ConfigError(
-                f"reward_weights has {len(self.reward_weights)} values for {len(self.reward_funcs)} reward_funcs"
+                f"reward_weights has {len(self.reward_weights)} values "
+                f"for {len(self.reward_funcs)} reward_funcs"
             )
 
 
@@ -216,7 +239,7 @@ def field_docs() -> dict[str, str]:
     tree = ast.parse(inspect.getsource(GRPOConfig))
     body = tree.body[0].body
     docs = {}
-    for node, following in zip(body, body[1:]):
+    for node, following in itertools.pairwise(body):
         if (
             isinstance(node, ast.AnnAssign)
             and isinstance(node.target, ast.Name)
@@ -247,9 +270,7 @@ def coerce(name: str, value: Any, source: str) -> Any:
             return [_scalar(item_type, v) for v in items]
         return _scalar(base, value)
     except (TypeError, ValueError):
-        raise ConfigError(
-            f"{source}: {name} must be {_type_name(base)}, got {value!r}"
-        ) from None
+        raise ConfigError(f"{source}: {name} must be {_type_name(base)}, got {value!r}") from None
 
 
 def _scalar(kind: type, value: Any) -> Any:

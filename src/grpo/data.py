@@ -7,6 +7,7 @@ template — and usually an ``answer``. Every other column reaches the reward fu
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from collections.abc import Iterator
@@ -45,12 +46,13 @@ def _read_file(path: Path) -> list[Row]:
     if suffix == ".parquet":
         return _read_parquet(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: spreadsheet programs start their UTF-8 exports with a byte-order mark.
+        text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as error:
         line = path.read_bytes()[: error.start].count(b"\n") + 1
         raise DataError(f"{path}: line {line}: not valid UTF-8") from None
     if suffix == ".csv":
-        return [dict(row) for row in csv.DictReader(text.splitlines())]
+        return [dict(row) for row in csv.DictReader(io.StringIO(text, newline=""))]
     if suffix == ".json":
         try:
             data = json.loads(text)
@@ -62,7 +64,8 @@ def _read_file(path: Path) -> list[Row]:
             raise DataError(f"{path}: a .json dataset must be a list of objects")
         return data
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # JSON Lines separates rows by "\n" only; str.splitlines() would also split at U+2028 inside strings.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -103,7 +106,9 @@ def _read_hub(name: str, split: str) -> list[Row]:
 def check_row(row: Any, where: str, number: int) -> None:
     """Fail with the file, row number and field of the first problem."""
     if not isinstance(row, dict):
-        raise DataError(f"{where}: row {number}: expected an object with a 'prompt', got {type(row).__name__}")
+        raise DataError(
+            f"{where}: row {number}: expected an object with a 'prompt', got {type(row).__name__}"
+        )
     if "prompt" not in row:
         raise DataError(f"{where}: row {number}: missing field 'prompt'")
     prompt = row["prompt"]

@@ -55,9 +55,16 @@ def evaluate(
         chunk = list(rows[start : start + max(1, batch_size // num_samples)])
         prompts = [render_prompt(row["prompt"], tokenizer) for row in chunk]
         rollout = generate(
-            model, tokenizer, prompts, num_generations=num_samples, max_completion_length=max_completion_length,
-            max_prompt_length=max_prompt_length, temperature=temperature, top_p=top_p, greedy=greedy,
-        )  # fmt: skip
+            model,
+            tokenizer,
+            prompts,
+            num_generations=num_samples,
+            max_completion_length=max_completion_length,
+            max_prompt_length=max_prompt_length,
+            temperature=temperature,
+            top_p=top_p,
+            greedy=greedy,
+        )
         columns = reward_columns(chunk, num_samples)
         completions = chat_completions(chunk, rollout.texts, num_samples)
         repeated_prompts = [row["prompt"] for row in chunk for _ in range(num_samples)]
@@ -67,7 +74,9 @@ def evaluate(
         for i, row in enumerate(chunk):
             records.append(
                 {
-                    "prompt": row["prompt"] if isinstance(row["prompt"], str) else row["prompt"][-1]["content"],
+                    "prompt": row["prompt"]
+                    if isinstance(row["prompt"], str)
+                    else row["prompt"][-1]["content"],
                     "answer": row.get("answer"),
                     "completions": rollout.texts[i * num_samples : (i + 1) * num_samples],
                     "scores": {

@@ -65,7 +65,9 @@ def policy_loss(
     if importance_sampling_level == "sequence":
         log_ratio = ((log_ratio * mask).sum(dim=1) / token_counts).unsqueeze(1)
     elif importance_sampling_level != "token":
-        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
+        raise ValueError(
+            f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}"
+        )
     ratio = torch.exp(log_ratio)
     clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     adv = advantages.unsqueeze(1)

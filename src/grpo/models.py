@@ -59,7 +59,9 @@ def convert_gguf(gguf_path: Path) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        )
         if getattr(model, "hf_quantizer", None) is not None:
             model.hf_quantizer.remove_quantization_config(model)
         model.save_pretrained(staging)
@@ -149,7 +151,9 @@ class PolicyAndReference:
     is no reference at all.
     """
 
-    def __init__(self, policy: nn.Module, reference: nn.Module | None, uses_adapters: bool, needs_reference: bool):
+    def __init__(
+        self, policy: nn.Module, reference: nn.Module | None, uses_adapters: bool, needs_reference: bool
+    ):
         self.policy = policy
         self._reference = reference
         self.uses_adapters = uses_adapters

@@ -10,10 +10,12 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import numbers
 import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,8 @@ ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 # Free text (the working), then exactly one answer block, then nothing but whitespace.
 ANSWER_FORMAT = re.compile(r"(?:(?!<answer>).)*<answer>(?:(?!</?answer>).)+</answer>\s*", re.DOTALL)
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+# "1,200" and "-12,345.5" are numbers with thousands separators; "1,2" is not.
+THOUSANDS_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 
 
 def completion_text(completion: Any) -> str:
@@ -35,7 +39,9 @@ def completion_text(completion: Any) -> str:
         return completion
     if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
         return str(completion[-1].get("content", ""))
-    raise RewardError(f"a completion must be a string or a list of chat messages, got {type(completion).__name__}")
+    raise RewardError(
+        f"a completion must be a string or a list of chat messages, got {type(completion).__name__}"
+    )
 
 
 def extract_answer(text: str) -> str | None:
@@ -45,11 +51,11 @@ def extract_answer(text: str) -> str | None:
 
 
 def answers_match(predicted: str, reference: str) -> bool:
-    """Numbers compare by value ("12", "12.0", "1,200" = "1200"); other answers by normalised text."""
+    """Numbers compare exactly by value ("12" = "12.0", "1,200" = "1200"); other text after normalising."""
     predicted, reference = predicted.strip(), str(reference).strip()
-    as_number = [p.replace(",", "") for p in (predicted, reference)]
+    as_number = [p.replace(",", "") if THOUSANDS_NUMBER.fullmatch(p) else p for p in (predicted, reference)]
     if all(NUMBER.fullmatch(p) for p in as_number):
-        return math.isclose(float(as_number[0]), float(as_number[1]), rel_tol=0, abs_tol=1e-9)
+        return Decimal(as_number[0]) == Decimal(as_number[1])
     return " ".join(predicted.lower().split()) == " ".join(reference.lower().split())
 
 
@@ -65,7 +71,8 @@ def accuracy_reward(prompts: list, completions: list, answer: list, **_: Any) ->
 def format_reward(prompts: list, completions: list, **_: Any) -> list[float]:
     """1.0 when the completion is working followed by exactly one non-empty ``<answer>…</answer>`` and
     nothing after it, else 0.0."""
-    return [float(ANSWER_FORMAT.fullmatch(completion_text(c).strip()) is not None) for c in completions]
+    texts = [completion_text(c).strip() for c in completions]
+    return [float(ANSWER_FORMAT.fullmatch(t) is not None and bool(extract_answer(t))) for t in texts]
 
 
 BUILTIN_REWARDS: dict[str, RewardFunc] = {"accuracy": accuracy_reward, "format": format_reward}
@@ -96,7 +103,7 @@ def load_reward_func(spec: str) -> RewardFunc:
     else:
         try:
             module = importlib.import_module(target)
-        except ImportError as error:
+        except Exception as error:  # a missing module, or one whose own code fails on import
             raise RewardError(f"reward function {spec!r}: cannot import {target} ({error})") from None
     func = getattr(module, name, None)
     if not callable(func):
@@ -115,6 +122,8 @@ class Reward:
 
 def build_rewards(specs: Sequence[str], weights: Sequence[float] | None = None) -> list[Reward]:
     weights = list(weights) if weights is not None else [1.0] * len(specs)
+    if len(weights) != len(specs):
+        raise RewardError(f"{len(weights)} reward weights for {len(specs)} reward functions")
     return [Reward(spec.rsplit(":", 1)[-1], load_reward_func(spec), w) for spec, w in zip(specs, weights)]
 
 
@@ -129,7 +138,9 @@ def score(
         except RewardError:
             raise
         except Exception as error:
-            raise RewardError(f"reward function {reward.name!r} raised {type(error).__name__}: {error}") from None
+            raise RewardError(
+                f"reward function {reward.name!r} raised {type(error).__name__}: {error}"
+            ) from None
         per_func.append(_check_output(reward.name, values, len(completions)))
     return torch.tensor(per_func, dtype=torch.float32).T.reshape(len(completions), len(rewards))
 
@@ -140,13 +151,16 @@ def _check_output(name: str, values: Any, expected: int) -> list[float]:
     except TypeError:
         raise RewardError(f"reward function {name!r} returned {type(values).__name__}, not a list") from None
     if len(values) != expected:
-        raise RewardError(f"reward function {name!r} returned {len(values)} values for {expected} completions")
+        raise RewardError(
+            f"reward function {name!r} returned {len(values)} values for {expected} completions"
+        )
     checked = []
     for row, value in enumerate(values):
         if value is None:
             checked.append(math.nan)
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        # numbers.Real admits NumPy scalars, which TRL users' functions often return.
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise RewardError(f"reward function {name!r} returned {value!r} for completion {row}")
         checked.append(float(value))
     return checked

@@ -13,22 +13,20 @@ from grpo.errors import DataError
 
 @dataclass
 class Rollout:
-    """A batch of prompt+completion token ids; row i*G+j is completion j of prompt i."""
+    """A batch of sampled completions; completion i belongs to prompt i // num_generations."""
 
-    prompt_ids: torch.Tensor  # (N, P), left-padded
-    prompt_mask: torch.Tensor  # (N, P)
-    completion_ids: torch.Tensor  # (N, C), right-padded
+    prompt_ids: torch.Tensor  # (prompts, P), left-padded, each prompt once
+    prompt_mask: torch.Tensor  # (prompts, P)
+    completion_ids: torch.Tensor  # (N, C), right-padded; N = prompts × num_generations
     completion_mask: torch.Tensor  # (N, C): 1 up to and including the end-of-sequence token
     truncated: torch.Tensor  # (N,) bool: stopped by max_completion_length, not by the model
     texts: list[str]  # decoded completions, special tokens removed
+    num_generations: int
 
     @property
-    def input_ids(self) -> torch.Tensor:
-        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
-
-    @property
-    def attention_mask(self) -> torch.Tensor:
-        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+    def prompt_index(self) -> torch.Tensor:
+        """(N,) the prompt row of each completion."""
+        return torch.arange(len(self.completion_ids)) // self.num_generations
 
 
 def stop_token_ids(model: nn.Module, tokenizer: Any) -> list[int]:
@@ -46,7 +44,9 @@ def stop_token_ids(model: nn.Module, tokenizer: Any) -> list[int]:
 def tokenize_prompts(tokenizer: Any, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     if encoded.input_ids.shape[1] > max_length:
-        raise DataError(f"a prompt has {encoded.input_ids.shape[1]} tokens, more than max_prompt_length = {max_length}")
+        raise DataError(
+            f"a prompt has {encoded.input_ids.shape[1]} tokens, more than max_prompt_length = {max_length}"
+        )
     return encoded.input_ids, encoded.attention_mask
 
 
@@ -65,34 +65,33 @@ def generate(
     greedy: bool = False,
     batch_size: int | None = None,
 ) -> Rollout:
-    """Sample ``num_generations`` completions for each prompt (one greedy pass when ``greedy``)."""
+    """Sample ``num_generations`` completions for each prompt (greedy when ``greedy``).
+
+    ``batch_size`` bounds the completions decoded at once (default: all); it is rounded to whole groups.
+    """
     prompt_ids, prompt_mask = tokenize_prompts(tokenizer, prompt_texts, max_prompt_length)
-    prompt_ids = prompt_ids.repeat_interleave(num_generations, dim=0)
-    prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0)
     stops = stop_token_ids(model, tokenizer)
-    sampling: dict[str, Any] = (
-        {"do_sample": False}
-        if greedy
-        else {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k or None}
-    )
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    batch_size = batch_size or len(prompt_ids)
+    prompts_at_once = max(1, (batch_size or len(prompt_ids) * num_generations) // num_generations)
     pieces = []
-    for start in range(0, len(prompt_ids), batch_size):
-        ids = prompt_ids[start : start + batch_size].to(device)
-        mask = prompt_mask[start : start + batch_size].to(device)
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_completion_length,
-            eos_token_id=stops,
-            pad_token_id=tokenizer.pad_token_id,
-            use_cache=True,
-            **sampling,
+    for start in range(0, len(prompt_ids), prompts_at_once):
+        pieces.append(
+            sample_completions(
+                model,
+                prompt_ids[start : start + prompts_at_once].to(device),
+                prompt_mask[start : start + prompts_at_once].to(device),
+                num_generations=num_generations,
+                max_new_tokens=max_completion_length,
+                stop_ids=stops,
+                pad_id=tokenizer.pad_token_id,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                greedy=greedy,
+            ).cpu()
         )
-        pieces.append(out[:, ids.shape[1] :].cpu())
     model.train(was_training)
 
     width = max(p.shape[1] for p in pieces)
@@ -100,12 +99,101 @@ def generate(
         [nn.functional.pad(p, (0, width - p.shape[1]), value=tokenizer.pad_token_id) for p in pieces]
     )
     completion_mask, truncated = completion_mask_and_truncation(completion_ids, stops)
-    texts = tokenizer.batch_decode(completion_ids * completion_mask + tokenizer.pad_token_id * (1 - completion_mask),
-                                   skip_special_tokens=True)
-    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, texts)
+    visible = torch.where(completion_mask.bool(), completion_ids, tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(visible, skip_special_tokens=True)
+    return Rollout(
+        prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, texts, num_generations
+    )
 
 
-def completion_mask_and_truncation(completion_ids: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on each row's first real token, whatever the left padding."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def sample_completions(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    *,
+    num_generations: int,
+    max_new_tokens: int,
+    stop_ids: list[int],
+    pad_id: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    greedy: bool = False,
+) -> torch.Tensor:
+    """Decode completions (N = prompts × G, width ≤ max_new_tokens), padded with ``pad_id`` after a stop.
+
+    Each prompt is prefilled once and its key/value cache copied for its G completions, and a row that
+    has stopped leaves the batch at once, so no step is spent on prompts twice or on finished rows.
+    """
+    positions = prompt_positions(prompt_mask)
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(num_generations)
+    logits = out.logits[:, -1].repeat_interleave(num_generations, dim=0)
+    mask = prompt_mask.repeat_interleave(num_generations, dim=0)
+    next_position = positions[:, -1:].repeat_interleave(num_generations, dim=0) + 1
+    total = len(mask)
+    tokens = torch.full((total, max_new_tokens), pad_id, dtype=prompt_ids.dtype, device=prompt_ids.device)
+    active = torch.arange(total, device=prompt_ids.device)
+    stops = torch.tensor(stop_ids, device=prompt_ids.device)
+    for step in range(max_new_tokens):
+        chosen = pick_tokens(logits, temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy)
+        tokens[active, step] = chosen
+        running = ~torch.isin(chosen, stops)
+        if step == max_new_tokens - 1 or not running.any():
+            return tokens[:, : step + 1]
+        if not running.all():
+            keep = running.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            active, chosen, mask, next_position = active[keep], chosen[keep], mask[keep], next_position[keep]
+        mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
+        out = model(
+            input_ids=chosen.unsqueeze(1),
+            attention_mask=mask,
+            position_ids=next_position,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        logits = out.logits[:, -1]
+        next_position = next_position + 1
+    return tokens
+
+
+def pick_tokens(
+    logits: torch.Tensor, *, temperature: float, top_p: float, top_k: int, greedy: bool
+) -> torch.Tensor:
+    """Greedy or sampled next tokens from (B, V) logits, with temperature, top-k and top-p filtering."""
+    if greedy:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the tokens before it already reach top_p; the most likely token always stays.
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1).squeeze(1)
+
+
+def completion_mask_and_truncation(
+    completion_ids: torch.Tensor, stop_ids: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask = 1 up to and including the first stop token; truncated = no stop token at all."""
     is_stop = torch.isin(completion_ids, torch.tensor(stop_ids, dtype=completion_ids.dtype))
     has_stop = is_stop.any(dim=1)
@@ -123,16 +211,67 @@ def selective_log_softmax(logits: torch.Tensor, tokens: torch.Tensor) -> torch.T
 
 def completion_logps(
     model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    completion_length: int,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    prompt_index: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
     temperature: float = 1.0,
 ) -> torch.Tensor:
-    """Per-token log-probs (B, C) of the last ``completion_length`` tokens of ``input_ids``.
+    """Per-token log-probs (B, C) of completions, computing each distinct prompt once.
 
-    Only the completion positions go through the LM head (``logits_to_keep``), and logits are divided by the
-    sampling temperature so that the probabilities are those of the distribution that was sampled.
+    Completion b continues prompt ``prompt_index[b]``. The prompts this batch uses are run once, their
+    key/value cache is gathered to one row per completion (a differentiable index, so gradients reach the
+    prompt's activations from every completion), and only the completion tokens run again. When G
+    completions share a prompt this does the prompt's work once instead of G times. Logits are divided by
+    the sampling temperature so that the probabilities are those of the distribution that was sampled.
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=completion_length + 1).logits
-    logits = logits[:, :-1, :].float() / temperature
-    return selective_log_softmax(logits, input_ids[:, -completion_length:])
+    used, local_index = torch.unique(prompt_index, return_inverse=True)
+    prompt_ids, prompt_mask = prompt_ids[used], prompt_mask[used]
+    positions = prompt_positions(prompt_mask)
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache = out.past_key_values
+    cache.batch_select_indices(local_index)
+    width = completion_ids.shape[1]
+    attention_mask = torch.cat([prompt_mask[local_index], completion_mask.to(prompt_mask.dtype)], dim=1)
+    completion_positions = positions[local_index, -1:] + 1 + torch.arange(width, device=positions.device)
+    # The last completion token predicts nothing we need, so it is not fed in.
+    logits = out.logits[local_index, -1:]
+    if width > 1:
+        rest = model(
+            input_ids=completion_ids[:, :-1],
+            attention_mask=attention_mask[:, :-1],
+            position_ids=completion_positions[:, :-1],
+            past_key_values=cache,
+            use_cache=True,
+        ).logits
+        logits = torch.cat([logits, rest], dim=1)
+    return selective_log_softmax(logits.float() / temperature, completion_ids)
+
+
+def completion_logps_unshared(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    prompt_index: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """The plain computation that :func:`completion_logps` must match: each prompt+completion run whole."""
+    input_ids = torch.cat([prompt_ids[prompt_index], completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask[prompt_index], completion_mask.to(prompt_mask.dtype)], dim=1)
+    width = completion_ids.shape[1]
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=prompt_positions(attention_mask),
+        logits_to_keep=width + 1,
+    ).logits[:, :-1]
+    return selective_log_softmax(logits.float() / temperature, completion_ids)

@@ -65,14 +65,19 @@ def check_reward_columns(rows: list[Row], rewards: list[Reward], where: str) -> 
     if any(r.func is BUILTIN_REWARDS["accuracy"] for r in rewards):
         for number, row in enumerate(rows, start=1):
             if row.get("answer") is None:
-                raise DataError(f"{where}: row {number}: missing field 'answer' (the accuracy reward needs it)")
+                raise DataError(
+                    f"{where}: row {number}: missing field 'answer' (the accuracy reward needs it)"
+                )
 
 
 def check_prompt_lengths(rows: list[Row], tokenizer: Any, limit: int, where: str) -> None:
     for number, row in enumerate(rows, start=1):
         length = len(tokenizer(render_prompt(row["prompt"], tokenizer), add_special_tokens=False).input_ids)
         if length > limit:
-            raise DataError(f"{where}: row {number}: the prompt has {length} tokens, more than max_prompt_length = {limit}")
+            raise DataError(
+                f"{where}: row {number}: the prompt has {length} tokens, "
+                f"more than max_prompt_length = {limit}"
+            )
 
 
 def run_training(config: GRPOConfig, console: Console) -> dict[str, Any]:
@@ -84,6 +89,7 @@ def run_training(config: GRPOConfig, console: Console) -> dict[str, Any]:
     check_reward_columns(train_rows, rewards, config.dataset)
     if eval_rows is not None:
         check_reward_columns(eval_rows, rewards, config.eval_dataset or config.dataset)
+    model_path = resolve_model(config.model_name_or_path)
     output_dir = Path(config.output_dir) if config.output_dir else default_output_dir(config)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
@@ -92,7 +98,7 @@ def run_training(config: GRPOConfig, console: Console) -> dict[str, Any]:
     seed_everything(config.seed)
 
     console.print(f"[bold]grpo[/] training {config.model_name_or_path} on {config.dataset} → {output_dir}")
-    models, tokenizer = load_policy(config)
+    models, tokenizer = load_policy(config, model_path)
     check_prompt_lengths(train_rows, tokenizer, config.max_prompt_length, config.dataset)
     policy = models.policy
 
@@ -100,24 +106,35 @@ def run_training(config: GRPOConfig, console: Console) -> dict[str, Any]:
         if eval_rows is None:
             return None
         summary, records = evaluate(
-            policy, tokenizer, eval_rows, rewards, max_completion_length=config.max_completion_length,
+            policy,
+            tokenizer,
+            eval_rows,
+            rewards,
+            max_completion_length=config.max_completion_length,
             max_prompt_length=config.max_prompt_length,
-        )  # fmt: skip
+        )
         _write_json(output_dir / f"eval_{tag}.json", {"summary": summary, "rows": records})
         console.print(f"held-out ({tag}): solved {summary['solved']:.1%} of {len(records)}")
         return summary
 
     before = held_out("before") if config.eval_on_start else None
     trainer = GRPOTrainer(config, models, tokenizer, rewards, train_rows, output_dir)
-    columns = (TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
-               TimeElapsedColumn())  # fmt: skip
+    columns = (
+        TextColumn("[bold]step"),
+        MofNCompleteColumn(),
+        BarColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+    )
     during: list[dict[str, Any]] = []
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("train", total=config.max_steps, info="sampling…")
 
         def report(step: int, metrics: dict[str, float]) -> None:
-            info = (f"reward {metrics['reward']:.2f}  kl {metrics.get('kl', 0.0):.4f}  "
-                    f"{metrics['step_time']:.1f}s/step")  # fmt: skip
+            info = (
+                f"reward {metrics['reward']:.2f}  kl {metrics.get('kl', 0.0):.4f}  "
+                f"{metrics['step_time']:.1f}s/step"
+            )
             progress.update(task, completed=step, info=info)
             if config.eval_steps and step % config.eval_steps == 0 and step < config.max_steps:
                 during.append({"step": step, **(held_out(f"step{step}") or {})})
@@ -145,7 +162,8 @@ def run_training(config: GRPOConfig, console: Console) -> dict[str, Any]:
     console.print(f"run files: {output_dir}")
     if before and after:
         console.print(
-            f"held-out solved (right answer in the asked format): {before['solved']:.1%} → {after['solved']:.1%}"
+            "held-out solved (right answer in the asked format): "
+            f"{before['solved']:.1%} → {after['solved']:.1%}"
         )
     return summary
 
@@ -169,9 +187,18 @@ def load_for_eval(model: str) -> tuple[torch.nn.Module, Any]:
 
 
 def run_eval(
-    model: str, dataset: str, split: str, reward_funcs: list[str], *, num_samples: int, temperature: float,
-    max_completion_length: int, max_samples: int, output: Path | None, seed: int,
-) -> dict[str, Any]:  # fmt: skip
+    model: str,
+    dataset: str,
+    split: str,
+    reward_funcs: list[str],
+    *,
+    num_samples: int,
+    temperature: float,
+    max_completion_length: int,
+    max_samples: int,
+    output: Path | None,
+    seed: int,
+) -> dict[str, Any]:
     rows = load_rows(dataset, split)
     rows = rows[:max_samples] if max_samples else rows
     rewards = build_rewards(reward_funcs)
@@ -179,9 +206,14 @@ def run_eval(
     seed_everything(seed)
     policy, tokenizer = load_for_eval(model)
     summary, records = evaluate(
-        policy, tokenizer, rows, rewards, max_completion_length=max_completion_length,
-        num_samples=num_samples, temperature=temperature,
-    )  # fmt: skip
+        policy,
+        tokenizer,
+        rows,
+        rewards,
+        max_completion_length=max_completion_length,
+        num_samples=num_samples,
+        temperature=temperature,
+    )
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         _write_json(output, {"model": model, "dataset": dataset, "summary": summary, "rows": records})

@@ -62,13 +62,17 @@ class GRPOTrainer:
         self.step = 0
         params = list(trainable_parameters(self.policy).values())
         self.optimizer = torch.optim.AdamW(
-            params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+            params,
+            lr=config.learning_rate,
+            betas=(config.adam_beta1, config.adam_beta2),
             weight_decay=config.weight_decay,
-        )  # fmt: skip
+        )
         self.scheduler = get_scheduler(
-            config.lr_scheduler_type, self.optimizer, num_warmup_steps=config.warmup_steps,
+            config.lr_scheduler_type,
+            self.optimizer,
+            num_warmup_steps=config.warmup_steps,
             num_training_steps=config.max_steps * config.num_iterations,
-        )  # fmt: skip
+        )
         self.device = next(self.policy.parameters()).device
 
     # --- one step ----------------------------------------------------------------------------------------
@@ -76,17 +80,29 @@ class GRPOTrainer:
         c = self.config
         prompts = [render_prompt(row["prompt"], self.tokenizer) for row in rows]
         rollout = generate(
-            self.policy, self.tokenizer, prompts, num_generations=c.num_generations,
-            max_completion_length=c.max_completion_length, max_prompt_length=c.max_prompt_length,
-            temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, batch_size=c.generation_batch_size,
-        )  # fmt: skip
+            self.policy,
+            self.tokenizer,
+            prompts,
+            num_generations=c.num_generations,
+            max_completion_length=c.max_completion_length,
+            max_prompt_length=c.max_prompt_length,
+            temperature=c.temperature,
+            top_p=c.top_p,
+            top_k=c.top_k,
+            batch_size=c.generation_batch_size,
+        )
         g = c.num_generations
         columns = reward_columns(rows, g)
         repeated_prompts = [row["prompt"] for row in rows for _ in range(g)]
         scores = score(
-            self.rewards, repeated_prompts, chat_completions(rows, rollout.texts, g), columns,
-            completion_ids=[ids[m.bool()].tolist() for ids, m in zip(rollout.completion_ids, rollout.completion_mask)],
-        )  # fmt: skip
+            self.rewards,
+            repeated_prompts,
+            chat_completions(rows, rollout.texts, g),
+            columns,
+            completion_ids=[
+                ids[m.bool()].tolist() for ids, m in zip(rollout.completion_ids, rollout.completion_mask)
+            ],
+        )
         total = weighted_sum(scores, self.rewards)
         advantages = group_advantages(total, g, c.scale_rewards)
         return ScoredBatch(rollout, total, scores, advantages)
@@ -98,27 +114,39 @@ class GRPOTrainer:
         generation_time = time.perf_counter() - started
 
         rollout = batch.rollout
-        input_ids = rollout.input_ids.to(self.device)
-        attention_mask = rollout.attention_mask.to(self.device)
+        prompt_ids, prompt_mask = rollout.prompt_ids.to(self.device), rollout.prompt_mask.to(self.device)
+        completion_ids = rollout.completion_ids.to(self.device)
+        completion_mask = rollout.completion_mask.to(self.device)
+        prompt_index = rollout.prompt_index.to(self.device)
         loss_mask = rollout.completion_mask.clone()
         if c.mask_truncated_completions:
             loss_mask[rollout.truncated] = 0
         loss_mask = loss_mask.to(self.device)
         advantages = batch.advantages.to(self.device)
-        width = rollout.completion_ids.shape[1]
         micro = c.per_device_train_batch_size
-        slices = [slice(i, i + micro) for i in range(0, len(input_ids), micro)]
+        slices = [slice(i, i + micro) for i in range(0, len(completion_ids), micro)]
 
         def logps_of(model: torch.nn.Module, s: slice) -> torch.Tensor:
-            return completion_logps(model, input_ids[s], attention_mask[s], width, c.temperature)
+            return completion_logps(
+                model,
+                prompt_ids,
+                prompt_mask,
+                prompt_index[s],
+                completion_ids[s],
+                completion_mask[s],
+                c.temperature,
+            )
 
         with torch.inference_mode():
             ref_logps = None
             if self.models.needs_reference:
                 with self.models.reference() as reference:
                     ref_logps = torch.cat([logps_of(reference, s) for s in slices])
-            # With one pass the sampling policy is the current one: its log-probs are the current ones, detached.
-            old_logps = torch.cat([logps_of(self.policy, s) for s in slices]) if c.num_iterations > 1 else None
+            # With one pass the sampling policy is the current one, so its log-probs are the current ones,
+            # detached, and need no forward pass of their own.
+            old_logps = (
+                torch.cat([logps_of(self.policy, s) for s in slices]) if c.num_iterations > 1 else None
+            )
         if ref_logps is not None:
             ref_logps = ref_logps.clone()
         if old_logps is not None:
@@ -132,12 +160,19 @@ class GRPOTrainer:
             for s in slices:
                 logps = logps_of(self.policy, s)
                 loss, metrics = policy_loss(
-                    logps, logps.detach() if old_logps is None else old_logps[s],
-                    None if ref_logps is None else ref_logps[s], advantages[s], loss_mask[s],
-                    epsilon_low=c.epsilon, epsilon_high=c.epsilon_high, beta=c.beta, loss_type=c.loss_type,
+                    logps,
+                    logps.detach() if old_logps is None else old_logps[s],
+                    None if ref_logps is None else ref_logps[s],
+                    advantages[s],
+                    loss_mask[s],
+                    epsilon_low=c.epsilon,
+                    epsilon_high=c.epsilon_high,
+                    beta=c.beta,
+                    loss_type=c.loss_type,
                     max_completion_length=c.max_completion_length,
-                    importance_sampling_level=c.importance_sampling_level, num_items_in_batch=tokens_in_batch,
-                )  # fmt: skip
+                    importance_sampling_level=c.importance_sampling_level,
+                    num_items_in_batch=tokens_in_batch,
+                )
                 if c.loss_type != "dapo":  # "dapo" already divides by the whole batch's token count
                     loss = loss / len(slices)
                 loss.backward()
@@ -159,9 +194,14 @@ class GRPOTrainer:
         return norm
 
     def _step_metrics(
-        self, batch: ScoredBatch, loss_mask: torch.Tensor, sums: dict[str, float],
-        grad_norms: list[float], generation_time: float, step_time: float,
-    ) -> dict[str, float]:  # fmt: skip
+        self,
+        batch: ScoredBatch,
+        loss_mask: torch.Tensor,
+        sums: dict[str, float],
+        grad_norms: list[float],
+        generation_time: float,
+        step_time: float,
+    ) -> dict[str, float]:
         rollout = batch.rollout
         lengths = rollout.completion_mask.sum(dim=1).float()
         m: dict[str, float] = {"step": float(self.step)}
@@ -189,7 +229,9 @@ class GRPOTrainer:
         return m
 
     # --- the loop ----------------------------------------------------------------------------------------
-    def train(self, progress: Callable[[int, dict[str, float]], None] | None = None) -> list[dict[str, float]]:
+    def train(
+        self, progress: Callable[[int, dict[str, float]], None] | None = None
+    ) -> list[dict[str, float]]:
         """Run until ``max_steps``; write metrics.jsonl and checkpoints; return every step's metrics."""
         c = self.config
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -213,7 +255,11 @@ class GRPOTrainer:
     def save(self) -> Path:
         state = {"step": self.step, "config": to_dict(self.config)}
         directory = save_checkpoint(
-            self.output_dir / f"{CHECKPOINT_PREFIX}{self.step}", self.policy, self.optimizer, self.scheduler, state
+            self.output_dir / f"{CHECKPOINT_PREFIX}{self.step}",
+            self.policy,
+            self.optimizer,
+            self.scheduler,
+            state,
         )
         prune_checkpoints(self.output_dir, self.config.save_total_limit)
         return directory

@@ -1,0 +1,130 @@
+"""Sampling and log-probs: the fast paths must give what the plain computations give."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from grpo.rollout import (
+    completion_logps,
+    completion_logps_unshared,
+    completion_mask_and_truncation,
+    generate,
+    pick_tokens,
+    stop_token_ids,
+)
+
+PROMPTS = ["<|im_start|>user\nWhat is 3 + 4?<|im_end|>\n<|im_start|>assistant\n", "the answer is", "0 1 2"]
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.padding_side = "left"
+    return AutoModelForCausalLM.from_pretrained(tiny_model).eval(), tokenizer
+
+
+def test_greedy_sampling_matches_transformers_generate(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    ours = generate(model, tokenizer, PROMPTS, num_generations=1, max_completion_length=12, greedy=True)
+    encoded = tokenizer(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
+    reference = model.generate(
+        **encoded,
+        max_new_tokens=12,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=stop_token_ids(model, tokenizer),
+    )
+    texts = tokenizer.batch_decode(reference[:, encoded.input_ids.shape[1] :], skip_special_tokens=True)
+    assert ours.texts == texts
+
+
+def test_each_prompt_gets_its_group_and_sampling_is_seeded(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    torch.manual_seed(3)
+    first = generate(model, tokenizer, PROMPTS, num_generations=4, max_completion_length=10)
+    torch.manual_seed(3)
+    second = generate(model, tokenizer, PROMPTS, num_generations=4, max_completion_length=10)
+    assert first.completion_ids.shape[0] == len(PROMPTS) * 4
+    assert first.prompt_ids.shape[0] == len(PROMPTS)
+    assert first.prompt_index.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert first.texts == second.texts
+    assert len(set(first.texts)) > 1  # random weights at temperature 1 do not repeat themselves
+
+
+def test_generation_batch_size_does_not_change_greedy_output(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    whole = generate(model, tokenizer, PROMPTS, num_generations=2, max_completion_length=8, greedy=True)
+    split = generate(
+        model, tokenizer, PROMPTS, num_generations=2, max_completion_length=8, greedy=True, batch_size=2
+    )
+    assert whole.texts == split.texts
+
+
+def test_completion_mask_ends_at_the_first_stop_and_flags_truncation():
+    ids = torch.tensor([[5, 6, 2, 9], [5, 6, 7, 8], [2, 0, 0, 0]])
+    mask, truncated = completion_mask_and_truncation(ids, stop_ids=[2])
+    assert mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert truncated.tolist() == [False, True, False]
+
+
+def test_shared_prompt_log_probs_and_gradients_match_the_plain_path(model_and_tokenizer, tiny_model):
+    _, tokenizer = model_and_tokenizer
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    torch.manual_seed(0)
+    rollout = generate(model, tokenizer, PROMPTS, num_generations=3, max_completion_length=9)
+    model.train()
+    args = (
+        rollout.prompt_ids,
+        rollout.prompt_mask,
+        rollout.prompt_index,
+        rollout.completion_ids,
+        rollout.completion_mask,
+    )
+    results = []
+    for compute in (completion_logps, completion_logps_unshared):
+        model.zero_grad()
+        logps = compute(model, *args, temperature=0.7)
+        (logps * rollout.completion_mask).sum().backward()
+        results.append((logps.detach(), [p.grad.clone() for p in model.parameters()]))
+    (shared, shared_grads), (plain, plain_grads) = results
+    mask = rollout.completion_mask.bool()
+    torch.testing.assert_close(shared[mask], plain[mask], atol=1e-5, rtol=1e-5)
+    for a, b in zip(shared_grads, plain_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_prompt_log_probs_work_for_a_micro_batch_that_splits_a_group(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    torch.manual_seed(1)
+    rollout = generate(model, tokenizer, PROMPTS, num_generations=4, max_completion_length=6)
+    rows = slice(2, 7)  # the end of group 0 and the start of group 1
+    with torch.no_grad():
+        args = (
+            rollout.prompt_ids,
+            rollout.prompt_mask,
+            rollout.prompt_index[rows],
+            rollout.completion_ids[rows],
+            rollout.completion_mask[rows],
+        )
+        shared, plain = completion_logps(model, *args), completion_logps_unshared(model, *args)
+    mask = rollout.completion_mask[rows].bool()
+    torch.testing.assert_close(shared[mask], plain[mask], atol=1e-5, rtol=1e-5)
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 50)
+    best = logits.argmax(dim=-1)
+    assert torch.equal(pick_tokens(logits, temperature=1.0, top_p=1.0, top_k=1, greedy=False), best)
+    assert torch.equal(pick_tokens(logits, temperature=1.0, top_p=1e-6, top_k=0, greedy=False), best)
+
+
+def test_top_p_keeps_only_the_nucleus():
+    # probabilities 0.5, 0.3, 0.2: top_p 0.7 keeps the first two tokens only.
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]])).repeat(2000, 1)
+    torch.manual_seed(0)
+    picked = pick_tokens(logits, temperature=1.0, top_p=0.7, top_k=0, greedy=False)
+    assert set(picked.tolist()) == {0, 1}
+    assert abs((picked == 0).float().mean().item() - 0.5 / 0.8) < 0.05
