@@ -128,7 +128,20 @@ def evaluate_command(
     print(json.dumps(summary, indent=1))
 
 
+def quiet_libraries() -> None:
+    """Keep the terminal for grpo's own progress: no per-file loading bars or deprecation chatter."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+
+
 def main() -> None:
+    quiet_libraries()
     app()
 
 

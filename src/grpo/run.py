@@ -136,6 +136,8 @@ def run_training(config: GRPOConfig, console: Console) -> dict[str, Any]:
                 f"{metrics['step_time']:.1f}s/step"
             )
             progress.update(task, completed=step, info=info)
+            if not console.is_terminal and step % config.logging_steps == 0:
+                console.print(f"step {step}/{config.max_steps}  {info}")  # a log file gets a line per step
             if config.eval_steps and step % config.eval_steps == 0 and step < config.max_steps:
                 during.append({"step": step, **(held_out(f"step{step}") or {})})
 
