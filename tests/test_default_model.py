@@ -16,7 +16,7 @@ def test_default_model_loads_and_answers_a_sum():
     models, tokenizer = load_policy(GRPOConfig())
     prompt = render_prompt([{"role": "user", "content": "What is 7 + 5?"}], tokenizer)
     rollout = generate(
-        models.policy, tokenizer, [prompt], num_generations=1, max_completion_length=16, greedy=True
+        models.policy, tokenizer, [prompt], num_generations=1, max_completion_length=48, greedy=True
     )
     assert "12" in rollout.texts[0]
 
