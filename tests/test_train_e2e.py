@@ -180,6 +180,22 @@ def test_eval_command_scores_a_run_directory(tiny_model, tiny_dataset, tmp_path,
     )
     assert result.exit_code == 0, result.output
     saved = json.loads(report.read_text())
+    checkpoint = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(output / "checkpoint-1"),
+            "--dataset",
+            str(tiny_dataset),
+            "--max-samples",
+            "4",
+            "--max-completion-length",
+            "4",
+        ],
+    )
+    assert checkpoint.exit_code == 0, checkpoint.output
+    assert json.loads(checkpoint.stdout)["rows"] == 4
     assert saved["summary"]["rows"] == 16
     assert {"solved", "pass@1", "pass@3", "reward/accuracy", "reward/format"} <= set(saved["summary"])
     assert len(saved["rows"][0]["completions"]) == 3

@@ -1,0 +1,267 @@
+"""grpo against TRL's GRPOTrainer on the same model, data and settings, in one invocation.
+
+    .venv/bin/pip install -e '.[bench]'        # TRL, for the benchmark only
+    .venv/bin/python benchmarks/bench_vs_trl.py --steps 3 --warmup 1 --repeats 1
+
+Each (framework, configuration) runs in a fresh process, alternating grpo and TRL, so that peak resident
+memory is the process's own. Both train the default model (SmolLM2-135M-Instruct, fp32 on the CPU) on the
+same story prompts, which the model answers at length, with one cheap reward, β = 0.04 (so a reference model
+is used), loss_type "grpo", 4 prompts × 8 completions × at most 128 tokens per step, micro-batches of 8.
+A "step" is one generation batch and its μ optimizer passes, for both. TRL runs with its own defaults for
+memory (gradient checkpointing on) in fp32 on the CPU.
+
+It prints, per configuration: median seconds per step, peak resident memory, generated tokens per second,
+mean completion length, and the ratios grpo/TRL; then this machine's limits (matmul FLOP/s, memory
+bandwidth) and how close each framework's generation and training come to them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+CONFIGS = {
+    "lora-mu1": {"use_lora": True, "num_iterations": 1},
+    "lora-mu2": {"use_lora": True, "num_iterations": 2},
+    "full-mu1": {"use_lora": False, "num_iterations": 1},
+    "full-mu2": {"use_lora": False, "num_iterations": 2},
+}
+PROMPTS_PER_STEP, GROUP, COMPLETION_TOKENS, MICRO_BATCH, BETA = 4, 8, 128, 8, 0.04
+TOPICS = ["a lighthouse", "a lost key", "the first snow", "a robot chef", "a night train", "an old map",
+          "a talking cat", "a quiet library", "a storm at sea", "a garden on the moon", "a broken clock",
+          "a market day", "a paper boat", "a mountain village", "a secret door", "a summer fair"]  # fmt: skip
+
+
+def rows() -> list[dict]:
+    return [{"prompt": [{"role": "user", "content": f"Write a short story about {t}."}]} for t in TOPICS]
+
+
+def variety_reward(prompts, completions, **_):
+    """Cheap and varied, so that groups carry a signal and neither side skips work."""
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [len(set(t.split())) / max(1, len(t.split())) for t in texts]
+
+
+# --- workers (one process each) --------------------------------------------------------------------------
+def run_grpo(model_dir: str, config: dict, steps: int, warmup: int) -> dict:
+    from grpo.config import GRPOConfig
+    from grpo.models import load_policy
+    from grpo.rewards import Reward
+    from grpo.trainer import GRPOTrainer
+
+    cfg = GRPOConfig(
+        model_name_or_path=model_dir, use_lora=config["use_lora"], num_iterations=config["num_iterations"],
+        num_generations=GROUP, per_device_train_batch_size=MICRO_BATCH,
+        gradient_accumulation_steps=PROMPTS_PER_STEP * GROUP // MICRO_BATCH,
+        max_completion_length=COMPLETION_TOKENS, beta=BETA, loss_type="grpo", learning_rate=1e-6,
+        max_steps=steps + warmup, warmup_steps=0, seed=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    models, tokenizer = load_policy(cfg, model_dir)
+    trainer = GRPOTrainer(
+        cfg, models, tokenizer, [Reward("variety", variety_reward)], rows(), Path(tempfile.mkdtemp())
+    )
+    step_times, gen_times, lengths = [], [], []
+    for i in range(steps + warmup):
+        m = trainer.train_step()
+        if i >= warmup:
+            step_times.append(m["step_time"])
+            gen_times.append(m["generation_time"])
+            lengths.append(m["completions/mean_length"])
+    return {"step_times": step_times, "generation_times": gen_times, "mean_lengths": lengths}
+
+
+def run_trl(model_dir: str, config: dict, steps: int, warmup: int) -> dict:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    micro_steps = PROMPTS_PER_STEP * GROUP // MICRO_BATCH
+    args = GRPOConfig(
+        output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=False, per_device_train_batch_size=MICRO_BATCH,
+        gradient_accumulation_steps=micro_steps, num_generations=GROUP, num_iterations=config["num_iterations"],
+        max_completion_length=COMPLETION_TOKENS, beta=BETA, loss_type="grpo", learning_rate=1e-6,
+        max_steps=(steps + warmup) * config["num_iterations"], logging_steps=1, save_strategy="no",
+        report_to=[], seed=0, dataloader_num_workers=0,
+    )  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft_config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = GRPOTrainer(
+        model=model, reward_funcs=variety_reward, args=args, processing_class=tokenizer,
+        train_dataset=Dataset.from_list(rows() * 8), peft_config=peft_config if config["use_lora"] else None,
+    )  # fmt: skip
+    generation_times: list[float] = []
+    generated_tokens: list[int] = []
+    original_generate = trainer._generate
+
+    def timed_generate(*a, **k):
+        started = time.perf_counter()
+        out = original_generate(*a, **k)
+        generation_times.append(time.perf_counter() - started)
+        # _generate returns prompt ids, completion ids, ...: count the completion tokens.
+        completion_ids = out[1]
+        generated_tokens.append(sum(len(ids) for ids in completion_ids))
+        return out
+
+    trainer._generate = timed_generate
+    marks: list[float] = []
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, *_, **__):
+            marks.append(time.perf_counter())
+
+    trainer.add_callback(StepClock())
+    started = time.perf_counter()
+    trainer.train()
+    mu = config["num_iterations"]
+    ends = [started] + marks[mu - 1 :: mu]  # one generation batch = μ optimizer steps
+    step_times = [b - a for a, b in zip(ends, ends[1:])][warmup:]
+    lengths = [t / (PROMPTS_PER_STEP * GROUP) for t in generated_tokens][warmup:]
+    return {"step_times": step_times, "generation_times": generation_times[warmup:], "mean_lengths": lengths}
+
+
+def worker(framework: str, model_dir: str, config_name: str, steps: int, warmup: int, out: str) -> None:
+    torch.set_num_threads(torch.get_num_threads())
+    run = run_grpo if framework == "grpo" else run_trl
+    result = run(model_dir, CONFIGS[config_name], steps, warmup)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Path(out).write_text(json.dumps(result))
+
+
+# --- machine limits --------------------------------------------------------------------------------------
+def matmul_flops(size: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - started)
+
+
+def memory_bandwidth(megabytes: int = 512, repeats: int = 10) -> float:
+    """Bytes moved per second by a large copy (read + write)."""
+    src = torch.empty(megabytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        dst.copy_(src)
+    return 2 * src.numel() * 4 * repeats / (time.perf_counter() - started)
+
+
+def model_facts(model_dir: str) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight.numel()
+    return {"params": total, "non_embedding_params": total - embedding, "embedding_params": embedding}
+
+
+# --- driver ----------------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per framework and configuration")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated: {', '.join(CONFIGS)}")
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/last_run.json"))
+    parser.add_argument("--worker", nargs=5, metavar=("FRAMEWORK", "MODEL", "CONFIG", "STEPS", "OUT"))
+    args = parser.parse_args()
+    if args.worker:
+        framework, model_dir, config_name, steps, out = args.worker
+        worker(framework, model_dir, config_name, int(steps), args.warmup, out)
+        return
+
+    from grpo.models import resolve_model
+
+    model_dir = resolve_model("smollm2-135m-instruct")
+    results: dict[str, dict[str, list]] = {}
+    for repeat in range(args.repeats):
+        for config_name in args.configs.split(","):
+            for framework in ("grpo", "trl") if repeat % 2 == 0 else ("trl", "grpo"):
+                out = Path(tempfile.mkdtemp()) / "result.json"
+                command = [sys.executable, __file__, "--warmup", str(args.warmup), "--worker", framework,
+                           model_dir, config_name, str(args.steps), str(out)]  # fmt: skip
+                print(f"[{repeat + 1}/{args.repeats}] {config_name} {framework} …", flush=True)
+                subprocess.run(command, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                run = json.loads(out.read_text())
+                slot = results.setdefault(config_name, {}).setdefault(framework, {})
+                for key, value in run.items():
+                    slot.setdefault(key, []).extend(value if isinstance(value, list) else [value])
+
+    facts = model_facts(model_dir)
+    flops, bandwidth = matmul_flops(), memory_bandwidth()
+    report = summarise(results, facts, flops, bandwidth)
+    print(report)
+    args.output.write_text(json.dumps({"results": results, "facts": facts, "matmul_flops": flops,
+                                       "bandwidth": bandwidth, "report": report}, indent=1))  # fmt: skip
+
+
+def summarise(results: dict, facts: dict, flops: float, bandwidth: float) -> str:
+    lines = [
+        f"date {date.today()}  machine {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        f"settings: {PROMPTS_PER_STEP} prompts × {GROUP} completions × ≤{COMPLETION_TOKENS} tokens, "
+        f"micro-batch {MICRO_BATCH}, beta {BETA}, loss grpo, fp32",
+        "",
+        "| config | grpo s/step | TRL s/step | ratio | grpo peak MB | TRL peak MB | ratio | "
+        "grpo gen tok/s | TRL gen tok/s | grpo len | TRL len |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    weight_bytes = facts["params"] * 4
+    per_token_flops = 2 * facts["non_embedding_params"]
+    limits = []
+    for name, by_framework in results.items():
+        g, t = by_framework["grpo"], by_framework["trl"]
+        s = {k: statistics.median(v["step_times"]) for k, v in (("grpo", g), ("trl", t))}
+        mem = {k: max(v["peak_rss_mb"]) for k, v in (("grpo", g), ("trl", t))}
+        tokens = {
+            k: statistics.median(v["mean_lengths"]) * PROMPTS_PER_STEP * GROUP
+            for k, v in (("grpo", g), ("trl", t))
+        }
+        gen = {k: tokens[k] / statistics.median(v["generation_times"]) for k, v in (("grpo", g), ("trl", t))}
+        lines.append(
+            f"| {name} | {s['grpo']:.1f} | {s['trl']:.1f} | {s['grpo'] / s['trl']:.2f} | {mem['grpo']:.0f} | "
+            f"{mem['trl']:.0f} | {mem['grpo'] / mem['trl']:.2f} | {gen['grpo']:.0f} | {gen['trl']:.0f} | "
+            f"{tokens['grpo'] / (PROMPTS_PER_STEP * GROUP):.0f} | {tokens['trl'] / (PROMPTS_PER_STEP * GROUP):.0f} |"
+        )
+        for k, v in (("grpo", g), ("trl", t)):
+            train_time = s[k] - statistics.median(v["generation_times"])
+            mu = 2 if name.endswith("mu2") else 1
+            full = name.startswith("full")
+            # Forward 2·N per token; backward 2·N for activations, plus 2·N for weights under full fine-tuning;
+            # the reference forward another 2·N; μ passes of forward+backward.
+            train_flops = tokens[k] * per_token_flops * ((4 + (2 if full else 0)) * mu + 2)
+            limits.append(f"{name} {k}: training {train_flops / train_time / 1e9:.0f} GFLOP/s "
+                          f"= {train_flops / train_time / flops:.0%} of matmul peak")  # fmt: skip
+    lines += [
+        "",
+        f"machine: matmul {flops / 1e9:.0f} GFLOP/s (fp32 2048²), copy bandwidth {bandwidth / 1e9:.1f} GB/s",
+        f"model: {facts['params'] / 1e6:.0f}M parameters ({weight_bytes / 1e6:.0f} MB fp32), "
+        f"{facts['non_embedding_params'] / 1e6:.0f}M outside the embedding",
+        f"decode bounds: one sequence ≤ {bandwidth / weight_bytes:.0f} tok/s (weights from memory each token); "
+        f"a batch ≤ {flops / per_token_flops:.0f} tok/s (matmul peak)",
+        *limits,
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
