@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache, DynamicLayer
 
 from grpo.errors import DataError
 
@@ -106,6 +107,63 @@ def generate(
     )
 
 
+class PreallocatedLayer(DynamicLayer):
+    """A key/value cache layer that writes each new token into a buffer sized once for the whole decode.
+
+    transformers' DynamicLayer concatenates the whole cache with each new token, which copies O(length)
+    memory per step per layer (a fifth of a decoding step here); this layer copies only the new token.
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            size = max(self.capacity, key_states.shape[-2])
+            self.key_buffer = key_states.new_empty((*key_states.shape[:-2], size, key_states.shape[-1]))
+            self.value_buffer = value_states.new_empty(
+                (*value_states.shape[:-2], size, value_states.shape[-1])
+            )
+        end = self.length + key_states.shape[-2]
+        if end > self.key_buffer.shape[-2]:
+            raise RuntimeError(f"key/value cache capacity {self.key_buffer.shape[-2]} exceeded")
+        self.key_buffer[:, :, self.length : end] = key_states
+        self.value_buffer[:, :, self.length : end] = value_states
+        self.length = end
+        self._refresh_views()
+        return self.keys, self.values
+
+    def _refresh_views(self) -> None:
+        self.keys = self.key_buffer[:, :, : self.length]
+        self.values = self.value_buffer[:, :, : self.length]
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.key_buffer = self.key_buffer.repeat_interleave(repeats, dim=0)
+        self.value_buffer = self.value_buffer.repeat_interleave(repeats, dim=0)
+        self._refresh_views()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.key_buffer = self.key_buffer[indices]
+        self.value_buffer = self.value_buffer[indices]
+        self._refresh_views()
+
+
+def decoding_cache(model: nn.Module, capacity: int) -> Cache | None:
+    """A preallocated cache for models whose every layer attends to the whole past; None (the model's own
+    cache) for sliding-window, hybrid or recurrent models."""
+    config = getattr(model, "config", None)
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if layer_types != {"full_attention"} or getattr(config, "sliding_window", None):
+        return None
+    return Cache(layer_class_to_replicate=lambda: PreallocatedLayer(capacity))
+
+
 def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that start at 0 on each row's first real token, whatever the left padding."""
     return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
@@ -136,6 +194,7 @@ def sample_completions(
         input_ids=prompt_ids,
         attention_mask=prompt_mask,
         position_ids=positions,
+        past_key_values=decoding_cache(model, prompt_ids.shape[1] + max_new_tokens),
         use_cache=True,
         logits_to_keep=1,
     )
