@@ -18,6 +18,7 @@ bandwidth) and how close each framework's generation and training come to them.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -37,6 +38,13 @@ CONFIGS = {
     "lora-mu2": {"use_lora": True, "num_iterations": 2},
     "full-mu1": {"use_lora": False, "num_iterations": 1},
     "full-mu2": {"use_lora": False, "num_iterations": 2},
+    # grpo with gradient checkpointing, as TRL always runs here; compared with TRL's lora-mu1 run.
+    "lora-mu1-gc": {
+        "use_lora": True,
+        "num_iterations": 1,
+        "gradient_checkpointing": True,
+        "trl_as": "lora-mu1",
+    },
 }
 PROMPTS_PER_STEP, GROUP, COMPLETION_TOKENS, MICRO_BATCH, BETA = 4, 8, 128, 8, 0.04
 TOPICS = ["a lighthouse", "a lost key", "the first snow", "a robot chef", "a night train", "an old map",
@@ -65,6 +73,7 @@ def run_grpo(model_dir: str, config: dict, steps: int, warmup: int) -> dict:
         model_name_or_path=model_dir, use_lora=config["use_lora"], num_iterations=config["num_iterations"],
         num_generations=GROUP, per_device_train_batch_size=MICRO_BATCH,
         gradient_accumulation_steps=PROMPTS_PER_STEP * GROUP // MICRO_BATCH,
+        gradient_checkpointing=config.get("gradient_checkpointing", False),
         max_completion_length=COMPLETION_TOKENS, beta=BETA, loss_type="grpo", learning_rate=1e-6,
         max_steps=steps + warmup, warmup_steps=0, seed=0,
     )  # fmt: skip
@@ -92,7 +101,8 @@ def run_trl(model_dir: str, config: dict, steps: int, warmup: int) -> dict:
     micro_steps = PROMPTS_PER_STEP * GROUP // MICRO_BATCH
     args = GRPOConfig(
         output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=False, per_device_train_batch_size=MICRO_BATCH,
-        gradient_accumulation_steps=micro_steps, num_generations=GROUP, num_iterations=config["num_iterations"],
+        gradient_accumulation_steps=micro_steps, num_generations=GROUP,
+        num_iterations=config["num_iterations"],
         max_completion_length=COMPLETION_TOKENS, beta=BETA, loss_type="grpo", learning_rate=1e-6,
         max_steps=(steps + warmup) * config["num_iterations"], logging_steps=1, save_strategy="no",
         report_to=[], seed=0, dataloader_num_workers=0,
@@ -128,8 +138,8 @@ def run_trl(model_dir: str, config: dict, steps: int, warmup: int) -> dict:
     started = time.perf_counter()
     trainer.train()
     mu = config["num_iterations"]
-    ends = [started] + marks[mu - 1 :: mu]  # one generation batch = μ optimizer steps
-    step_times = [b - a for a, b in zip(ends, ends[1:])][warmup:]
+    ends = [started, *marks[mu - 1 :: mu]]  # one generation batch = μ optimizer steps
+    step_times = [b - a for a, b in itertools.pairwise(ends)][warmup:]
     lengths = [t / (PROMPTS_PER_STEP * GROUP) for t in generated_tokens][warmup:]
     return {"step_times": step_times, "generation_times": generation_times[warmup:], "mean_lengths": lengths}
 
@@ -195,7 +205,8 @@ def main() -> None:
     results: dict[str, dict[str, list]] = {}
     for repeat in range(args.repeats):
         for config_name in args.configs.split(","):
-            for framework in ("grpo", "trl") if repeat % 2 == 0 else ("trl", "grpo"):
+            frameworks = ("grpo", "trl") if repeat % 2 == 0 else ("trl", "grpo")
+            for framework in frameworks if "trl_as" not in CONFIGS[config_name] else ("grpo",):
                 out = Path(tempfile.mkdtemp()) / "result.json"
                 command = [sys.executable, __file__, "--warmup", str(args.warmup), "--worker", framework,
                            model_dir, config_name, str(args.steps), str(out)]  # fmt: skip
@@ -215,49 +226,54 @@ def main() -> None:
 
 
 def summarise(results: dict, facts: dict, flops: float, bandwidth: float) -> str:
+    per_step = PROMPTS_PER_STEP * GROUP
     lines = [
         f"date {date.today()}  machine {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads",
         f"settings: {PROMPTS_PER_STEP} prompts × {GROUP} completions × ≤{COMPLETION_TOKENS} tokens, "
-        f"micro-batch {MICRO_BATCH}, beta {BETA}, loss grpo, fp32",
+        f"micro-batch {MICRO_BATCH}, beta {BETA}, loss grpo, fp32; medians over timed steps",
         "",
-        "| config | grpo s/step | TRL s/step | ratio | grpo peak MB | TRL peak MB | ratio | "
-        "grpo gen tok/s | TRL gen tok/s | grpo len | TRL len |",
+        "| config | grpo s/step | TRL s/step | ratio | grpo peak MB | TRL peak MB | ratio "
+        "| grpo gen tok/s | TRL gen tok/s | grpo mean len | TRL mean len |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    weight_bytes = facts["params"] * 4
-    per_token_flops = 2 * facts["non_embedding_params"]
+    # Every generated token goes through all weights, the tied LM head included: 2·P FLOPs forward.
+    per_token_flops = 2 * facts["params"]
     limits = []
     for name, by_framework in results.items():
-        g, t = by_framework["grpo"], by_framework["trl"]
-        s = {k: statistics.median(v["step_times"]) for k, v in (("grpo", g), ("trl", t))}
-        mem = {k: max(v["peak_rss_mb"]) for k, v in (("grpo", g), ("trl", t))}
-        tokens = {
-            k: statistics.median(v["mean_lengths"]) * PROMPTS_PER_STEP * GROUP
-            for k, v in (("grpo", g), ("trl", t))
-        }
-        gen = {k: tokens[k] / statistics.median(v["generation_times"]) for k, v in (("grpo", g), ("trl", t))}
+        runs = {"grpo": by_framework["grpo"], "trl": results[CONFIGS[name].get("trl_as", name)]["trl"]}
+        step = {k: statistics.median(v["step_times"]) for k, v in runs.items()}
+        generation = {k: statistics.median(v["generation_times"]) for k, v in runs.items()}
+        peak = {k: max(v["peak_rss_mb"]) for k, v in runs.items()}
+        length = {k: statistics.median(v["mean_lengths"]) for k, v in runs.items()}
+        tokens_per_s = {k: length[k] * per_step / generation[k] for k in runs}
         lines.append(
-            f"| {name} | {s['grpo']:.1f} | {s['trl']:.1f} | {s['grpo'] / s['trl']:.2f} | {mem['grpo']:.0f} | "
-            f"{mem['trl']:.0f} | {mem['grpo'] / mem['trl']:.2f} | {gen['grpo']:.0f} | {gen['trl']:.0f} | "
-            f"{tokens['grpo'] / (PROMPTS_PER_STEP * GROUP):.0f} | {tokens['trl'] / (PROMPTS_PER_STEP * GROUP):.0f} |"
+            f"| {name} | {step['grpo']:.1f} | {step['trl']:.1f} | **{step['grpo'] / step['trl']:.2f}** "
+            f"| {peak['grpo']:.0f} | {peak['trl']:.0f} | **{peak['grpo'] / peak['trl']:.2f}** "
+            f"| {tokens_per_s['grpo']:.0f} | {tokens_per_s['trl']:.0f} "
+            f"| {length['grpo']:.0f} | {length['trl']:.0f} |"
         )
-        for k, v in (("grpo", g), ("trl", t)):
-            train_time = s[k] - statistics.median(v["generation_times"])
-            mu = 2 if name.endswith("mu2") else 1
-            full = name.startswith("full")
-            # Forward 2·N per token; backward 2·N for activations, plus 2·N for weights under full fine-tuning;
-            # the reference forward another 2·N; μ passes of forward+backward.
-            train_flops = tokens[k] * per_token_flops * ((4 + (2 if full else 0)) * mu + 2)
-            limits.append(f"{name} {k}: training {train_flops / train_time / 1e9:.0f} GFLOP/s "
-                          f"= {train_flops / train_time / flops:.0%} of matmul peak")  # fmt: skip
+        mu = CONFIGS[name]["num_iterations"]
+        backward = (
+            1 if CONFIGS[name]["use_lora"] else 2
+        )  # activation gradients, plus weight gradients if full
+        for k in runs:
+            # Useful work: μ × (forward + backward) plus the reference forward; recomputation not counted.
+            work = length[k] * per_step * per_token_flops * ((1 + backward) * mu + 1)
+            rate = work / (step[k] - generation[k])
+            limits.append(
+                f"- {name} {k}: decoding {tokens_per_s[k]:.0f} tok/s "
+                f"= {tokens_per_s[k] / (flops / per_token_flops):.0%} "
+                f"of the matmul bound; training {rate / 1e9:.0f} GFLOP/s = {rate / flops:.0%} of matmul peak"
+            )
     lines += [
         "",
-        f"machine: matmul {flops / 1e9:.0f} GFLOP/s (fp32 2048²), copy bandwidth {bandwidth / 1e9:.1f} GB/s",
-        f"model: {facts['params'] / 1e6:.0f}M parameters ({weight_bytes / 1e6:.0f} MB fp32), "
-        f"{facts['non_embedding_params'] / 1e6:.0f}M outside the embedding",
-        f"decode bounds: one sequence ≤ {bandwidth / weight_bytes:.0f} tok/s (weights from memory each token); "
-        f"a batch ≤ {flops / per_token_flops:.0f} tok/s (matmul peak)",
+        f"Machine: matmul {flops / 1e9:.0f} GFLOP/s (fp32, 2048²), "
+        f"copy bandwidth {bandwidth / 1e9:.1f} GB/s. "
+        f"Model: {facts['params'] / 1e6:.0f}M parameters, {facts['params'] * 4 / 1e6:.0f} MB in fp32.",
+        f"Decoding bounds: one sequence ≤ {bandwidth / (facts['params'] * 4):.0f} tok/s "
+        f"(all weights read per token); a batch ≤ {flops / per_token_flops:.0f} tok/s (matmul peak).",
+        "",
         *limits,
     ]
     return "\n".join(lines)

@@ -128,3 +128,49 @@ def test_top_p_keeps_only_the_nucleus():
     picked = pick_tokens(logits, temperature=1.0, top_p=0.7, top_k=0, greedy=False)
     assert set(picked.tolist()) == {0, 1}
     assert abs((picked == 0).float().mean().item() - 0.5 / 0.8) < 0.05
+
+
+def test_sampling_log_probs_equal_the_training_forward(model_and_tokenizer):
+    """With μ > 1 the sampler's own log-probs stand in for a forward pass of the old policy."""
+    model, tokenizer = model_and_tokenizer
+    torch.manual_seed(2)
+    rollout = generate(
+        model, tokenizer, PROMPTS, num_generations=3, max_completion_length=10, temperature=0.8
+    )
+    with torch.no_grad():
+        recomputed = completion_logps(
+            model,
+            rollout.prompt_ids,
+            rollout.prompt_mask,
+            rollout.prompt_index,
+            rollout.completion_ids,
+            rollout.completion_mask,
+            temperature=0.8,
+        )
+    mask = rollout.completion_mask.bool()
+    torch.testing.assert_close(rollout.sampling_logps[mask], recomputed[mask], atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_log_probs_and_gradients(model_and_tokenizer, tiny_model):
+    _, tokenizer = model_and_tokenizer
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model).train()
+    checkpointed = AutoModelForCausalLM.from_pretrained(tiny_model).train()
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(4)
+    rollout = generate(plain, tokenizer, PROMPTS, num_generations=2, max_completion_length=8)
+    args = (
+        rollout.prompt_ids,
+        rollout.prompt_mask,
+        rollout.prompt_index,
+        rollout.completion_ids,
+        rollout.completion_mask,
+    )
+    results = []
+    for model, compute in ((plain, completion_logps), (checkpointed, completion_logps_unshared)):
+        logps = compute(model, *args)
+        (logps * rollout.completion_mask).sum().backward()
+        results.append((logps.detach(), [p.grad for p in model.parameters()]))
+    mask = rollout.completion_mask.bool()
+    torch.testing.assert_close(results[0][0][mask], results[1][0][mask], atol=1e-5, rtol=1e-5)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -136,6 +136,7 @@ def test_full_fine_tuning_with_reference_and_two_iterations(tiny_model, tiny_dat
             "--max-steps",
             "2",
             "--no-use-lora",
+            "--gradient-checkpointing",
             "--num-iterations",
             "2",
             "--beta",

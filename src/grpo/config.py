@@ -44,6 +44,9 @@ class GRPOConfig:
     """Dropout on the LoRA input. Kept at 0 so that sampling and training see the same policy."""
     lora_target_modules: str = "all-linear"
     """Modules that get adapters: "all-linear" or a comma-separated list of module names."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass instead of keeping them: much less memory
+    for about a third more compute. Prompts are then run once per completion rather than once per group."""
     dtype: str = "auto"
     """Weights' dtype: "auto" (float32 on CPU, bfloat16 on a GPU that supports it), "float32", "bfloat16"."""
 

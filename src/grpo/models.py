@@ -175,6 +175,8 @@ def load_policy(config: GRPOConfig, path: str | None = None) -> tuple[PolicyAndR
     path = path or resolve_model(config.model_name_or_path)
     tokenizer = load_tokenizer(path)
     model = load_causal_lm(path, pick_dtype(config.dtype))
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     needs_reference = config.beta != 0
     if config.use_lora:
         policy = wrap_lora(model, config)

@@ -23,6 +23,7 @@ class Rollout:
     truncated: torch.Tensor  # (N,) bool: stopped by max_completion_length, not by the model
     texts: list[str]  # decoded completions, special tokens removed
     num_generations: int
+    sampling_logps: torch.Tensor  # (N, C): log-probs of the tokens under the (temperature-scaled) sampler
 
     @property
     def prompt_index(self) -> torch.Tensor:
@@ -91,19 +92,30 @@ def generate(
                 top_p=top_p,
                 top_k=top_k,
                 greedy=greedy,
-            ).cpu()
+            )
         )
     model.train(was_training)
 
-    width = max(p.shape[1] for p in pieces)
+    width = max(ids.shape[1] for ids, _ in pieces)
     completion_ids = torch.cat(
-        [nn.functional.pad(p, (0, width - p.shape[1]), value=tokenizer.pad_token_id) for p in pieces]
+        [
+            nn.functional.pad(ids.cpu(), (0, width - ids.shape[1]), value=tokenizer.pad_token_id)
+            for ids, _ in pieces
+        ]
     )
+    sampling_logps = torch.cat([nn.functional.pad(lp.cpu(), (0, width - lp.shape[1])) for _, lp in pieces])
     completion_mask, truncated = completion_mask_and_truncation(completion_ids, stops)
     visible = torch.where(completion_mask.bool(), completion_ids, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(visible, skip_special_tokens=True)
     return Rollout(
-        prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, texts, num_generations
+        prompt_ids,
+        prompt_mask,
+        completion_ids,
+        completion_mask,
+        truncated,
+        texts,
+        num_generations,
+        sampling_logps,
     )
 
 
@@ -183,8 +195,10 @@ def sample_completions(
     top_p: float = 1.0,
     top_k: int = 0,
     greedy: bool = False,
-) -> torch.Tensor:
-    """Decode completions (N = prompts × G, width ≤ max_new_tokens), padded with ``pad_id`` after a stop.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode completions (N = prompts × G, width ≤ max_new_tokens), padded with ``pad_id`` after a stop,
+    and the log-probs of the chosen tokens under the temperature-scaled (unfiltered) distribution: the
+    sampling policy's log-probs, which the trainer reuses instead of a forward pass when μ > 1.
 
     Each prompt is prefilled once and its key/value cache copied for its G completions, and a row that
     has stopped leaves the batch at once, so no step is spent on prompts twice or on finished rows.
@@ -205,14 +219,16 @@ def sample_completions(
     next_position = positions[:, -1:].repeat_interleave(num_generations, dim=0) + 1
     total = len(mask)
     tokens = torch.full((total, max_new_tokens), pad_id, dtype=prompt_ids.dtype, device=prompt_ids.device)
+    logps = torch.zeros((total, max_new_tokens), device=prompt_ids.device)
     active = torch.arange(total, device=prompt_ids.device)
     stops = torch.tensor(stop_ids, device=prompt_ids.device)
     for step in range(max_new_tokens):
         chosen = pick_tokens(logits, temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy)
         tokens[active, step] = chosen
+        logps[active, step] = selective_log_softmax(logits.float() / temperature, chosen)
         running = ~torch.isin(chosen, stops)
         if step == max_new_tokens - 1 or not running.any():
-            return tokens[:, : step + 1]
+            return tokens[:, : step + 1], logps[:, : step + 1]
         if not running.all():
             keep = running.nonzero().squeeze(1)
             cache.batch_select_indices(keep)
@@ -227,7 +243,7 @@ def sample_completions(
         )
         logits = out.logits[:, -1]
         next_position = next_position + 1
-    return tokens
+    return tokens, logps
 
 
 def pick_tokens(

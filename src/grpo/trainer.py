@@ -27,7 +27,7 @@ from grpo.eval import chat_completions
 from grpo.losses import policy_loss
 from grpo.models import PolicyAndReference, trainable_parameters
 from grpo.rewards import Reward, score, weighted_sum
-from grpo.rollout import Rollout, completion_logps, generate
+from grpo.rollout import Rollout, completion_logps, completion_logps_unshared, generate
 
 
 @dataclass
@@ -126,8 +126,12 @@ class GRPOTrainer:
         micro = c.per_device_train_batch_size
         slices = [slice(i, i + micro) for i in range(0, len(completion_ids), micro)]
 
-        def logps_of(model: torch.nn.Module, s: slice) -> torch.Tensor:
-            return completion_logps(
+        # Under gradient checkpointing transformers drops the key/value cache that the shared-prompt path
+        # needs, so each completion then runs with its own copy of the prompt.
+        with_gradients = completion_logps_unshared if c.gradient_checkpointing else completion_logps
+
+        def logps_of(model: torch.nn.Module, s: slice, compute: Callable = completion_logps) -> torch.Tensor:
+            return compute(
                 model,
                 prompt_ids,
                 prompt_mask,
@@ -137,20 +141,15 @@ class GRPOTrainer:
                 c.temperature,
             )
 
-        with torch.inference_mode():
-            ref_logps = None
-            if self.models.needs_reference:
-                with self.models.reference() as reference:
-                    ref_logps = torch.cat([logps_of(reference, s) for s in slices])
-            # With one pass the sampling policy is the current one, so its log-probs are the current ones,
-            # detached, and need no forward pass of their own.
-            old_logps = (
-                torch.cat([logps_of(self.policy, s) for s in slices]) if c.num_iterations > 1 else None
-            )
-        if ref_logps is not None:
-            ref_logps = ref_logps.clone()
-        if old_logps is not None:
-            old_logps = old_logps.clone()
+        ref_logps = None
+        if self.models.needs_reference:
+            self.policy.eval()
+            with torch.inference_mode(), self.models.reference() as reference:
+                ref_logps = torch.cat([logps_of(reference, s) for s in slices])
+            ref_logps = ref_logps.clone()  # a normal tensor, usable in the autograd graph
+        # With one pass the sampling policy is the current one: its log-probs are the current ones, detached.
+        # With several, they are the log-probs the sampler already computed for each token it drew.
+        old_logps = rollout.sampling_logps.to(self.device) if c.num_iterations > 1 else None
 
         tokens_in_batch = loss_mask.sum()
         sums: dict[str, float] = defaultdict(float)
@@ -158,7 +157,7 @@ class GRPOTrainer:
         self.policy.train()
         for _ in range(c.num_iterations):
             for s in slices:
-                logps = logps_of(self.policy, s)
+                logps = logps_of(self.policy, s, with_gradients)
                 loss, metrics = policy_loss(
                     logps,
                     logps.detach() if old_logps is None else old_logps[s],
