@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from grpo.data import Row, render_prompt, reward_columns
-from grpo.rewards import Reward, score
+from grpo.data import Row, render_prompt
+from grpo.rewards import Reward, score_groups
 from grpo.rollout import generate
 
 
@@ -19,14 +19,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
-def chat_completions(rows: Sequence[Row], texts: list[str], per_row: int) -> list[Any]:
-    """Completions as TRL passes them: chat messages for chat prompts, strings for string prompts."""
-    return [
-        [{"role": "assistant", "content": text}] if isinstance(rows[i // per_row]["prompt"], list) else text
-        for i, text in enumerate(texts)
-    ]
 
 
 def evaluate(
@@ -65,10 +57,7 @@ def evaluate(
             top_p=top_p,
             greedy=greedy,
         )
-        columns = reward_columns(chunk, num_samples)
-        completions = chat_completions(chunk, rollout.texts, num_samples)
-        repeated_prompts = [row["prompt"] for row in chunk for _ in range(num_samples)]
-        scores = score(rewards, repeated_prompts, completions, columns)
+        scores = score_groups(rewards, chunk, rollout.texts)
         all_scores.append(scores)
         solved = (torch.nan_to_num(scores, nan=1.0) >= 1.0).all(dim=1).view(len(chunk), num_samples)
         for i, row in enumerate(chunk):

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from grpo.data import Row, reward_columns
 from grpo.errors import RewardError
 
 RewardFunc = Callable[..., Sequence[float | None]]
@@ -143,6 +144,21 @@ def score(
             ) from None
         per_func.append(_check_output(reward.name, values, len(completions)))
     return torch.tensor(per_func, dtype=torch.float32).T.reshape(len(completions), len(rewards))
+
+
+def score_groups(
+    rewards: Sequence[Reward], rows: Sequence[Row], texts: list[str], **extra: Any
+) -> torch.Tensor:
+    """Scores (N, F) of ``len(texts) // len(rows)`` consecutive completions per row: each row's prompt and
+    columns repeated for its completions, and completions shaped as TRL passes them — chat messages for
+    chat prompts, strings for string prompts."""
+    per_row = len(texts) // len(rows)
+    completions = [
+        [{"role": "assistant", "content": text}] if isinstance(rows[i // per_row]["prompt"], list) else text
+        for i, text in enumerate(texts)
+    ]
+    prompts = [row["prompt"] for row in rows for _ in range(per_row)]
+    return score(rewards, prompts, completions, reward_columns(rows, per_row), **extra)
 
 
 def _check_output(name: str, values: Any, expected: int) -> list[float]:

@@ -22,11 +22,10 @@ from transformers import get_scheduler
 from grpo.advantages import group_advantages, zero_std_group_fraction
 from grpo.checkpoint import CHECKPOINT_PREFIX, prune_checkpoints, save_checkpoint
 from grpo.config import GRPOConfig, to_dict
-from grpo.data import PromptSampler, Row, render_prompt, reward_columns
-from grpo.eval import chat_completions
+from grpo.data import PromptSampler, Row, render_prompt
 from grpo.losses import policy_loss
 from grpo.models import PolicyAndReference, trainable_parameters
-from grpo.rewards import Reward, score, weighted_sum
+from grpo.rewards import Reward, score_groups, weighted_sum
 from grpo.rollout import Rollout, completion_logps, completion_logps_unshared, generate
 
 
@@ -92,13 +91,10 @@ class GRPOTrainer:
             batch_size=c.generation_batch_size,
         )
         g = c.num_generations
-        columns = reward_columns(rows, g)
-        repeated_prompts = [row["prompt"] for row in rows for _ in range(g)]
-        scores = score(
+        scores = score_groups(
             self.rewards,
-            repeated_prompts,
-            chat_completions(rows, rollout.texts, g),
-            columns,
+            rows,
+            rollout.texts,
             completion_ids=[
                 ids[m.bool()].tolist() for ids, m in zip(rollout.completion_ids, rollout.completion_mask)
             ],
