@@ -174,3 +174,22 @@ def test_gradient_checkpointing_gives_the_same_log_probs_and_gradients(model_and
     torch.testing.assert_close(results[0][0][mask], results[1][0][mask], atol=1e-5, rtol=1e-5)
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_selective_log_softmax_matches_log_softmax_in_value_and_gradient():
+    from grpo.rollout import _SelectiveLogSoftmax, selective_log_softmax
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 300, 50, dtype=torch.float64, requires_grad=True)  # 900 rows: several chunks
+    tokens = torch.randint(0, 50, (3, 300))
+    weights = torch.randn(3, 300, dtype=torch.float64)
+    assert logits[0].numel() // 50 > _SelectiveLogSoftmax.ROWS_PER_CHUNK
+    ours = selective_log_softmax(logits, tokens)
+    (grad_ours,) = torch.autograd.grad((ours * weights).sum(), logits)
+    plain = torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    (grad_plain,) = torch.autograd.grad((plain * weights).sum(), logits)
+    torch.testing.assert_close(ours, plain)
+    torch.testing.assert_close(grad_ours, grad_plain)
+    assert torch.autograd.gradcheck(
+        selective_log_softmax, (logits[:1, :4].detach().requires_grad_(), tokens[:1, :4])
+    )

@@ -225,7 +225,7 @@ def sample_completions(
     for step in range(max_new_tokens):
         chosen = pick_tokens(logits, temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy)
         tokens[active, step] = chosen
-        logps[active, step] = selective_log_softmax(logits.float() / temperature, chosen)
+        logps[active, step] = token_logps(logits, chosen, temperature)
         running = ~torch.isin(chosen, stops)
         if step == max_new_tokens - 1 or not running.any():
             return tokens[:, : step + 1], logps[:, : step + 1]
@@ -278,10 +278,38 @@ def completion_mask_and_truncation(
     return mask, ~has_stop
 
 
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    """log_softmax(logits)[token] = logit[token] − logsumexp(logits), with a lean backward.
+
+    The forward takes the logsumexp a chunk of rows at a time, so its temporary is a chunk, not the whole
+    (…, vocab) tensor. The backward builds the gradient, one-hot minus softmax, in a single tensor, where
+    autograd's own gather and logsumexp backwards would allocate several of that size.
+    """
+
+    ROWS_PER_CHUNK = 256
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        flat = logits.reshape(-1, logits.shape[-1])
+        lse = torch.cat(
+            [torch.logsumexp(chunk, dim=-1) for chunk in flat.split(_SelectiveLogSoftmax.ROWS_PER_CHUNK)]
+        )
+        lse = lse.view(tokens.shape)
+        ctx.save_for_backward(logits, tokens, lse)
+        return logits.gather(dim=-1, index=tokens.unsqueeze(-1)).squeeze(-1) - lse
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, tokens, lse = ctx.saved_tensors
+        grad_logits = torch.exp(logits - lse.unsqueeze(-1))  # softmax
+        grad_logits.mul_(-grad.unsqueeze(-1))
+        grad_logits.scatter_add_(-1, tokens.unsqueeze(-1), grad.unsqueeze(-1))
+        return grad_logits, None
+
+
 def selective_log_softmax(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log_softmax(logits)[..., tokens] without materialising the full (…, vocab) log-softmax."""
-    picked = logits.gather(dim=-1, index=tokens.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+    return _SelectiveLogSoftmax.apply(logits, tokens)
 
 
 def completion_logps(
@@ -316,8 +344,9 @@ def completion_logps(
     width = completion_ids.shape[1]
     attention_mask = torch.cat([prompt_mask[local_index], completion_mask.to(prompt_mask.dtype)], dim=1)
     completion_positions = positions[local_index, -1:] + 1 + torch.arange(width, device=positions.device)
-    # The last completion token predicts nothing we need, so it is not fed in.
-    logits = out.logits[local_index, -1:]
+    # The first completion token is predicted by the prompt's last position; the last completion token
+    # predicts nothing we need, so it is not fed in. Log-probs are joined, not the (much larger) logits.
+    logps = [token_logps(out.logits[local_index, -1:], completion_ids[:, :1], temperature)]
     if width > 1:
         rest = model(
             input_ids=completion_ids[:, :-1],
@@ -326,8 +355,16 @@ def completion_logps(
             past_key_values=cache,
             use_cache=True,
         ).logits
-        logits = torch.cat([logits, rest], dim=1)
-    return selective_log_softmax(logits.float() / temperature, completion_ids)
+        logps.append(token_logps(rest, completion_ids[:, 1:], temperature))
+    return torch.cat(logps, dim=1)
+
+
+def token_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Log-probs of ``tokens`` under softmax(logits / temperature), in float32."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return selective_log_softmax(logits, tokens)
 
 
 def completion_logps_unshared(
@@ -349,4 +386,4 @@ def completion_logps_unshared(
         position_ids=prompt_positions(attention_mask),
         logits_to_keep=width + 1,
     ).logits[:, :-1]
-    return selective_log_softmax(logits.float() / temperature, completion_ids)
+    return token_logps(logits, completion_ids, temperature)
