@@ -193,3 +193,23 @@ def test_selective_log_softmax_matches_log_softmax_in_value_and_gradient():
     assert torch.autograd.gradcheck(
         selective_log_softmax, (logits[:1, :4].detach().requires_grad_(), tokens[:1, :4])
     )
+
+
+def test_selective_log_softmax_reusing_the_logits_gives_the_same_gradient():
+    from grpo.rollout import selective_log_softmax
+
+    torch.manual_seed(0)
+    leaf = torch.randn(2, 300, 50, requires_grad=True)
+    weights = torch.randn(2, 300)
+    tokens = torch.randint(0, 50, (2, 300))
+    grads = []
+    for reuse in (False, True):
+        fresh = leaf * 2  # a tensor that only the log-softmax reads, like a model's logits
+        (grad,) = torch.autograd.grad((selective_log_softmax(fresh, tokens, reuse) * weights).sum(), leaf)
+        grads.append(grad)
+    torch.testing.assert_close(grads[0], grads[1])
+    fresh = leaf * 2
+    logps = selective_log_softmax(fresh, tokens, reuse_logits=True)
+    logps.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        logps.sum().backward()

@@ -10,6 +10,7 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
 from grpo.errors import DataError
+from grpo.fused import FusedDecoder, sampling_decoder
 
 
 @dataclass
@@ -66,10 +67,12 @@ def generate(
     top_k: int = 0,
     greedy: bool = False,
     batch_size: int | None = None,
+    fused: bool = True,
 ) -> Rollout:
     """Sample ``num_generations`` completions for each prompt (greedy when ``greedy``).
 
     ``batch_size`` bounds the completions decoded at once (default: all); it is rounded to whole groups.
+    ``fused`` decodes through :class:`grpo.fused.FusedDecoder` where the model supports it.
     """
     prompt_ids, prompt_mask = tokenize_prompts(tokenizer, prompt_texts, max_prompt_length)
     stops = stop_token_ids(model, tokenizer)
@@ -77,6 +80,7 @@ def generate(
     model.eval()
     device = next(model.parameters()).device
     prompts_at_once = max(1, (batch_size or len(prompt_ids) * num_generations) // num_generations)
+    decoder = sampling_decoder(model, prompts_at_once * num_generations) if fused else None
     pieces = []
     for start in range(0, len(prompt_ids), prompts_at_once):
         pieces.append(
@@ -92,8 +96,10 @@ def generate(
                 top_p=top_p,
                 top_k=top_k,
                 greedy=greedy,
+                decoder=decoder,
             )
         )
+    del decoder  # its weight copies are needed no longer
     model.train(was_training)
 
     width = max(ids.shape[1] for ids, _ in pieces)
@@ -181,6 +187,63 @@ def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
+class TransformersSteps:
+    """Prefill and decoding steps through the model's own forward: any architecture transformers runs."""
+
+    def __init__(self, model: nn.Module, capacity: int):
+        self.model, self.capacity = model, capacity
+
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=decoding_cache(self.model, self.capacity),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.cache = out.past_key_values
+        return out.logits[:, -1]
+
+    def expand(self, repeats: int) -> None:
+        self.cache.batch_repeat_interleave(repeats)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.cache.batch_select_indices(rows)
+
+    def step(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        out = self.model(
+            input_ids=tokens.unsqueeze(1),
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        return out.logits[:, -1]
+
+
+class FusedSteps:
+    """The same steps through a :class:`grpo.fused.FusedDecoder` and its single key/value buffer."""
+
+    def __init__(self, decoder: FusedDecoder, capacity: int):
+        self.decoder, self.capacity = decoder, capacity
+
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self.cache = self.decoder.new_cache(len(ids), ids.shape[1])
+        return self.decoder.logits(self.decoder.forward(ids, positions, mask.bool(), self.cache)[:, -1])
+
+    def expand(self, repeats: int) -> None:
+        rows = torch.arange(self.cache.keys.shape[1], device=self.cache.keys.device)
+        self.cache = self.cache.gathered(rows.repeat_interleave(repeats), self.capacity)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.cache = self.cache.gathered(rows, self.capacity)
+
+    def step(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.decoder.forward(tokens.unsqueeze(1), positions, mask.bool(), self.cache)
+        return self.decoder.logits(hidden[:, -1])
+
+
 @torch.no_grad()
 def sample_completions(
     model: nn.Module,
@@ -195,29 +258,26 @@ def sample_completions(
     top_p: float = 1.0,
     top_k: int = 0,
     greedy: bool = False,
+    decoder: FusedDecoder | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode completions (N = prompts × G, width ≤ max_new_tokens), padded with ``pad_id`` after a stop,
     and the log-probs of the chosen tokens under the temperature-scaled (unfiltered) distribution: the
     sampling policy's log-probs, which the trainer reuses instead of a forward pass when μ > 1.
 
     Each prompt is prefilled once and its key/value cache copied for its G completions, and a row that
-    has stopped leaves the batch at once, so no step is spent on prompts twice or on finished rows.
+    has stopped leaves the batch at once, so no step is spent on prompts twice or on finished rows. With a
+    ``decoder`` (the model's weights, fused) the steps run through it instead of the model's own forward.
     """
+    capacity = prompt_ids.shape[1] + max_new_tokens
+    steps = FusedSteps(decoder, capacity) if decoder is not None else TransformersSteps(model, capacity)
     positions = prompt_positions(prompt_mask)
-    out = model(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        position_ids=positions,
-        past_key_values=decoding_cache(model, prompt_ids.shape[1] + max_new_tokens),
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(num_generations)
-    logits = out.logits[:, -1].repeat_interleave(num_generations, dim=0)
-    mask = prompt_mask.repeat_interleave(num_generations, dim=0)
+    logits = steps.prefill(prompt_ids, prompt_mask, positions).repeat_interleave(num_generations, dim=0)
+    steps.expand(num_generations)
+    total = len(logits)
+    mask = prompt_mask.new_ones((total, capacity))
+    mask[:, : prompt_ids.shape[1]] = prompt_mask.repeat_interleave(num_generations, dim=0)
+    length = prompt_ids.shape[1]
     next_position = positions[:, -1:].repeat_interleave(num_generations, dim=0) + 1
-    total = len(mask)
     tokens = torch.full((total, max_new_tokens), pad_id, dtype=prompt_ids.dtype, device=prompt_ids.device)
     logps = torch.zeros((total, max_new_tokens), device=prompt_ids.device)
     active = torch.arange(total, device=prompt_ids.device)
@@ -231,17 +291,10 @@ def sample_completions(
             return tokens[:, : step + 1], logps[:, : step + 1]
         if not running.all():
             keep = running.nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
+            steps.keep(keep)
             active, chosen, mask, next_position = active[keep], chosen[keep], mask[keep], next_position[keep]
-        mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
-        out = model(
-            input_ids=chosen.unsqueeze(1),
-            attention_mask=mask,
-            position_ids=next_position,
-            past_key_values=cache,
-            use_cache=True,
-        )
-        logits = out.logits[:, -1]
+        length += 1
+        logits = steps.step(chosen, mask[:, :length], next_position)
         next_position = next_position + 1
     return tokens, logps
 
@@ -279,37 +332,51 @@ def completion_mask_and_truncation(
 
 
 class _SelectiveLogSoftmax(torch.autograd.Function):
-    """log_softmax(logits)[token] = logit[token] − logsumexp(logits), with a lean backward.
+    """log_softmax(logits)[token] = logit[token] − logsumexp(logits), without (…, vocab) temporaries.
 
-    The forward takes the logsumexp a chunk of rows at a time, so its temporary is a chunk, not the whole
-    (…, vocab) tensor. The backward builds the gradient, one-hot minus softmax, in a single tensor, where
-    autograd's own gather and logsumexp backwards would allocate several of that size.
+    A (rows, vocab) tensor is hundreds of megabytes here, and each new one costs page faults as well as
+    memory. The forward takes the logsumexp a chunk of rows at a time through one reused buffer. The
+    backward builds the gradient, softmax minus one-hot, in one new tensor, or, with ``reuse_logits``, in
+    the saved logits' own memory: for logits nothing else reads (a model's fresh output); autograd's
+    version check then refuses a second backward through the same graph.
     """
 
     ROWS_PER_CHUNK = 256
 
     @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, logits: torch.Tensor, tokens: torch.Tensor, reuse_logits: bool) -> torch.Tensor:
+        ctx.reuse_logits = reuse_logits
         flat = logits.reshape(-1, logits.shape[-1])
-        lse = torch.cat(
-            [torch.logsumexp(chunk, dim=-1) for chunk in flat.split(_SelectiveLogSoftmax.ROWS_PER_CHUNK)]
-        )
+        lse = flat.new_empty(len(flat))
+        buffer = flat.new_empty((min(len(flat), _SelectiveLogSoftmax.ROWS_PER_CHUNK), flat.shape[-1]))
+        for start in range(0, len(flat), _SelectiveLogSoftmax.ROWS_PER_CHUNK):
+            chunk = flat[start : start + _SelectiveLogSoftmax.ROWS_PER_CHUNK]
+            peak = chunk.amax(dim=-1, keepdim=True)
+            shifted = torch.sub(chunk, peak, out=buffer[: len(chunk)]).exp_()
+            lse[start : start + len(chunk)] = shifted.sum(dim=-1).log_().add_(peak.squeeze(-1))
         lse = lse.view(tokens.shape)
         ctx.save_for_backward(logits, tokens, lse)
         return logits.gather(dim=-1, index=tokens.unsqueeze(-1)).squeeze(-1) - lse
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         logits, tokens, lse = ctx.saved_tensors
-        grad_logits = torch.exp(logits - lse.unsqueeze(-1))  # softmax
+        shifted = logits.sub_(lse.unsqueeze(-1)) if ctx.reuse_logits else logits - lse.unsqueeze(-1)
+        grad_logits = shifted.exp_()  # softmax
         grad_logits.mul_(-grad.unsqueeze(-1))
         grad_logits.scatter_add_(-1, tokens.unsqueeze(-1), grad.unsqueeze(-1))
-        return grad_logits, None
+        return grad_logits, None, None
 
 
-def selective_log_softmax(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log_softmax(logits)[..., tokens] without materialising the full (…, vocab) log-softmax."""
-    return _SelectiveLogSoftmax.apply(logits, tokens)
+def selective_log_softmax(
+    logits: torch.Tensor, tokens: torch.Tensor, reuse_logits: bool = False
+) -> torch.Tensor:
+    """log_softmax(logits)[..., tokens] without materialising the full (…, vocab) log-softmax.
+
+    ``reuse_logits`` lets the backward overwrite ``logits`` with its gradient: only for a tensor that
+    nothing else reads afterwards.
+    """
+    return _SelectiveLogSoftmax.apply(logits, tokens, reuse_logits)
 
 
 def completion_logps(
@@ -346,7 +413,7 @@ def completion_logps(
     completion_positions = positions[local_index, -1:] + 1 + torch.arange(width, device=positions.device)
     # The first completion token is predicted by the prompt's last position; the last completion token
     # predicts nothing we need, so it is not fed in. Log-probs are joined, not the (much larger) logits.
-    logps = [token_logps(out.logits[local_index, -1:], completion_ids[:, :1], temperature)]
+    logps = [token_logps(out.logits[local_index, -1:], completion_ids[:, :1], temperature, True)]
     if width > 1:
         rest = model(
             input_ids=completion_ids[:, :-1],
@@ -355,16 +422,20 @@ def completion_logps(
             past_key_values=cache,
             use_cache=True,
         ).logits
-        logps.append(token_logps(rest, completion_ids[:, 1:], temperature))
+        logps.append(token_logps(rest, completion_ids[:, 1:], temperature, reuse_logits=True))
     return torch.cat(logps, dim=1)
 
 
-def token_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Log-probs of ``tokens`` under softmax(logits / temperature), in float32."""
-    logits = logits.float()
+def token_logps(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float, reuse_logits: bool = False
+) -> torch.Tensor:
+    """Log-probs of ``tokens`` under softmax(logits / temperature), in float32 (``reuse_logits``: see
+    :func:`selective_log_softmax`)."""
+    scaled = logits.float()
     if temperature != 1.0:
-        logits = logits / temperature
-    return selective_log_softmax(logits, tokens)
+        scaled = scaled / temperature
+    # A tensor made here (by the cast or the division) is ours to reuse, whatever the caller said.
+    return selective_log_softmax(scaled, tokens, reuse_logits=reuse_logits or scaled is not logits)
 
 
 def completion_logps_unshared(

@@ -7,6 +7,7 @@ updates over the batch in micro-batches. The math lives in :mod:`grpo.advantages
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from transformers import get_scheduler
 
+from grpo import fused
 from grpo.advantages import group_advantages, zero_std_group_fraction
 from grpo.checkpoint import CHECKPOINT_PREFIX, prune_checkpoints, save_checkpoint
 from grpo.config import GRPOConfig, to_dict
@@ -89,6 +91,7 @@ class GRPOTrainer:
             top_p=c.top_p,
             top_k=c.top_k,
             batch_size=c.generation_batch_size,
+            fused=c.fused_inference,
         )
         g = c.num_generations
         scores = score_groups(
@@ -126,22 +129,20 @@ class GRPOTrainer:
         # needs, so each completion then runs with its own copy of the prompt.
         with_gradients = completion_logps_unshared if c.gradient_checkpointing else completion_logps
 
-        def logps_of(model: torch.nn.Module, s: slice, compute: Callable = completion_logps) -> torch.Tensor:
-            return compute(
-                model,
-                prompt_ids,
-                prompt_mask,
-                prompt_index[s],
-                completion_ids[s],
-                completion_mask[s],
-                c.temperature,
-            )
+        def logps_of(compute: Callable[..., torch.Tensor], s: slice) -> torch.Tensor:
+            args = (prompt_ids, prompt_mask, prompt_index[s], completion_ids[s], completion_mask[s])
+            return compute(*args, c.temperature)
 
         ref_logps = None
         if self.models.needs_reference:
             self.policy.eval()
             with torch.inference_mode(), self.models.reference() as reference:
-                ref_logps = torch.cat([logps_of(reference, s) for s in slices])
+                if c.fused_inference and fused.supports(reference):
+                    # Packing pays for thin decoding products, not for these (micro-batch × length) rows.
+                    score = fused.FusedDecoder(reference, micro, pack=False).completion_logps
+                else:
+                    score = functools.partial(completion_logps, reference)
+                ref_logps = torch.cat([logps_of(score, s) for s in slices])
             ref_logps = ref_logps.clone()  # a normal tensor, usable in the autograd graph
         # With one pass the sampling policy is the current one: its log-probs are the current ones, detached.
         # With several, they are the log-probs the sampler already computed for each token it drew.
@@ -153,7 +154,7 @@ class GRPOTrainer:
         self.policy.train()
         for _ in range(c.num_iterations):
             for s in slices:
-                logps = logps_of(self.policy, s, with_gradients)
+                logps = logps_of(functools.partial(with_gradients, self.policy), s)
                 loss, metrics = policy_loss(
                     logps,
                     logps.detach() if old_logps is None else old_logps[s],

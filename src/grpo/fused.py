@@ -1,0 +1,285 @@
+"""A fused, inference-only forward for Llama-family decoders: sampling and the reference log-probs.
+
+transformers' forward is written for every model and every use. For the two places where grpo runs a model
+without gradients (sampling, and the reference model's log-probs) this module runs the same arithmetic
+faster on a CPU:
+
+- LoRA adapters are folded into the weights once per use, so a token costs no adapter products;
+- q/k/v and gate/up are joined into one matrix product each;
+- on a CPU the weights are packed once for oneDNN, which runs the thin products of a decoding step about twice
+  as fast as the default BLAS does on this project's machine (the LM head especially);
+- keys and values live in one buffer sized once, and grouped-query attention attends without repeating heads.
+
+It covers the models whose layers are exactly RMSNorm → attention with rotary positions and grouped heads →
+RMSNorm → SiLU-gated MLP, over the whole past (Llama, Mistral and Qwen2 without a sliding window); anything
+else keeps transformers' forward. :func:`supports` says which. Tests compare it with transformers' forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+ROWS_PER_CHUNK = 256  # LM-head rows at a time when scoring: bounds the (rows, vocab) temporary
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (LoRA layers still in place), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def supports(model: nn.Module) -> bool:
+    """Whether :class:`FusedDecoder` computes exactly what this model's own forward computes."""
+    base = unwrap(model)
+    config = getattr(base, "config", None)
+    if config is None or getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        return False
+    if getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "pretraining_tp", 1) != 1:
+        return False
+    if set(getattr(config, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
+        return False
+    if getattr(config, "sliding_window", None) is not None:
+        return False
+    weight = base.get_input_embeddings().weight
+    if not weight.dtype.is_floating_point or hasattr(base.get_input_embeddings(), "base_layer"):
+        return False
+    for module in base.modules():
+        if hasattr(module, "lora_A"):
+            if type(module).__name__ != "Linear" or any(getattr(module, "use_dora", {}).values()):
+                return False
+            if any(getattr(module, "lora_bias", {}).values()):
+                return False
+    return True
+
+
+def effective_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight and bias a (possibly LoRA-wrapped) linear layer applies now, adapters folded in."""
+    base = getattr(module, "base_layer", module)
+    weight = base.weight.detach()
+    if base is not module and not module.disable_adapters and not module.merged:
+        for name in module.active_adapters:
+            if name in module.lora_A:
+                weight = weight + module.get_delta_weight(name).to(weight.dtype)
+    bias = base.bias.detach() if base.bias is not None else None
+    return weight, bias
+
+
+def joined_linear(modules: list[nn.Module], batch_hint: int, pack: bool = True) -> PackedLinear:
+    """One product for several linear layers that read the same input: their outputs side by side."""
+    parts = [effective_linear(m) for m in modules]
+    weight = torch.cat([w for w, _ in parts])
+    bias = None
+    if any(b is not None for _, b in parts):
+        bias = torch.cat([b if b is not None else w.new_zeros(len(w)) for w, b in parts])
+    return PackedLinear(weight, bias, batch_hint, pack)
+
+
+class PackedLinear:
+    """``F.linear`` with its weight packed once for oneDNN on a CPU (float32), else plain ``F.linear``."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int, pack: bool = True):
+        self.packed = (
+            pack
+            and weight.device.type == "cpu"
+            and weight.dtype == torch.float32
+            and torch.backends.mkldnn.is_available()
+        )
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint) if self.packed else weight
+        self.bias = bias
+        self.out_features = weight.shape[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+@dataclass
+class FusedLayer:
+    input_norm: torch.Tensor
+    qkv: PackedLinear
+    out: PackedLinear
+    post_norm: torch.Tensor
+    gate_up: PackedLinear
+    down: PackedLinear
+
+
+class KVCache:
+    """Keys and values of every layer in one buffer per kind: (layers, rows, kv_heads, capacity, head_dim)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int = 0):
+        self.keys, self.values, self.length = keys, values, length
+
+    @classmethod
+    def empty(cls, layers: int, rows: int, kv_heads: int, capacity: int, head_dim: int, like: torch.Tensor):
+        shape = (layers, rows, kv_heads, capacity, head_dim)
+        return cls(like.new_empty(shape), like.new_empty(shape))
+
+    def gathered(self, rows: torch.Tensor, capacity: int) -> KVCache:
+        """A cache of ``capacity`` positions holding these rows (in this order, repeats allowed)."""
+        layers, _, heads, _, dim = self.keys.shape
+        new = KVCache.empty(layers, len(rows), heads, capacity, dim, self.keys)
+        new.keys[:, :, :, : self.length] = self.keys[:, rows, :, : self.length]
+        new.values[:, :, :, : self.length] = self.values[:, rows, :, : self.length]
+        new.length = self.length
+        return new
+
+
+class FusedDecoder:
+    """A model's current weights (adapters folded in), run without autograd.
+
+    Build one per use and drop it before the model's weights change: joined, folded and packed weights are
+    copies taken when it is built, the others are the model's own tensors. ``pack`` packs the products'
+    weights for oneDNN (worth it for the thin products of decoding; ``batch_hint``: the rows expected).
+    """
+
+    @torch.no_grad()
+    def __init__(self, model: nn.Module, batch_hint: int = 32, pack: bool = True):
+        base = unwrap(model)
+        config = base.config
+        decoder = base.model
+        self.hidden_size = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or self.hidden_size // self.num_heads
+        self.eps = config.rms_norm_eps
+        self.embed = decoder.embed_tokens.weight.detach()
+        self.rotary = decoder.rotary_emb
+        self.final_norm = decoder.norm.weight.detach()
+        self.lm_head = PackedLinear(*effective_linear(base.lm_head), batch_hint, pack)
+        self.layers = []
+        for layer in decoder.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            self.scaling = getattr(attention, "scaling", self.head_dim**-0.5)
+            self.layers.append(
+                FusedLayer(
+                    input_norm=layer.input_layernorm.weight.detach(),
+                    qkv=joined_linear(
+                        [attention.q_proj, attention.k_proj, attention.v_proj], batch_hint, pack
+                    ),
+                    out=PackedLinear(*effective_linear(attention.o_proj), batch_hint, pack),
+                    post_norm=layer.post_attention_layernorm.weight.detach(),
+                    gate_up=joined_linear([mlp.gate_proj, mlp.up_proj], batch_hint, pack),
+                    down=PackedLinear(*effective_linear(mlp.down_proj), batch_hint, pack),
+                )
+            )
+
+    def new_cache(self, rows: int, capacity: int) -> KVCache:
+        return KVCache.empty(len(self.layers), rows, self.num_kv_heads, capacity, self.head_dim, self.embed)
+
+    @torch.no_grad()
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor, cache: KVCache
+    ) -> torch.Tensor:
+        """Final-norm hidden states (B, T, H) of ``input_ids`` (B, T), appended to ``cache``.
+
+        ``positions`` (B, T) are the rotary positions; ``key_mask`` (B, ≥ cache.length + T) is True where a
+        cached or new position may be attended to (False on padding). New tokens attend causally.
+        """
+        batch, width = input_ids.shape
+        start, end = cache.length, cache.length + width
+        if end > cache.keys.shape[3]:
+            raise RuntimeError(f"key/value cache capacity {cache.keys.shape[3]} exceeded")
+        x = F.embedding(input_ids, self.embed)
+        cos, sin = self.rotary(x, positions)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        bias = attention_bias(key_mask[:, :end], start, width, self.num_heads // self.num_kv_heads, x.dtype)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        for index, layer in enumerate(self.layers):
+            h = F.rms_norm(x, (self.hidden_size,), layer.input_norm, self.eps)
+            q, k, v = layer.qkv(h).split([q_size, kv_size, kv_size], dim=-1)
+            q = rotate(q.view(batch, width, self.num_heads, self.head_dim).transpose(1, 2), cos, sin)
+            k = rotate(k.view(batch, width, self.num_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+            cache.keys[index, :, :, start:end] = k
+            cache.values[index, :, :, start:end] = v.view(batch, width, self.num_kv_heads, -1).transpose(1, 2)
+            attended = grouped_attention(
+                q, cache.keys[index, :, :, :end], cache.values[index, :, :, :end], bias, self.scaling
+            )
+            x = x + layer.out(attended.transpose(1, 2).reshape(batch, width, q_size))
+            h = F.rms_norm(x, (self.hidden_size,), layer.post_norm, self.eps)
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
+        cache.length = end
+        return F.rms_norm(x, (self.hidden_size,), self.final_norm, self.eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    @torch.no_grad()
+    def completion_logps(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        prompt_index: torch.Tensor,
+        completion_ids: torch.Tensor,
+        completion_mask: torch.Tensor,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """What :func:`grpo.rollout.completion_logps` computes, without gradients: each prompt run once."""
+        from grpo.rollout import prompt_positions, token_logps
+
+        used, local_index = torch.unique(prompt_index, return_inverse=True)
+        prompt_ids, prompt_mask = prompt_ids[used], prompt_mask[used].bool()
+        positions = prompt_positions(prompt_mask)
+        width = completion_ids.shape[1]
+        cache = self.new_cache(len(used), prompt_ids.shape[1])
+        last = self.forward(prompt_ids, positions, prompt_mask, cache)[:, -1:]
+        logps = [token_logps(self.logits(last[local_index]), completion_ids[:, :1], temperature)]
+        if width > 1:
+            cache = cache.gathered(local_index, prompt_ids.shape[1] + width)
+            key_mask = torch.cat([prompt_mask[local_index], completion_mask.bool()], dim=1)
+            steps = positions[local_index, -1:] + 1 + torch.arange(width - 1, device=positions.device)
+            hidden = self.forward(completion_ids[:, :-1], steps, key_mask, cache)
+            tokens = completion_ids[:, 1:]
+            flat_hidden, flat_tokens = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1)
+            chunks = [
+                token_logps(self.logits(h), t, temperature)
+                for h, t in zip(flat_hidden.split(ROWS_PER_CHUNK), flat_tokens.split(ROWS_PER_CHUNK))
+            ]
+            logps.append(torch.cat(chunks).view(tokens.shape))
+        return torch.cat(logps, dim=1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding in the rotate-half layout that Llama-family checkpoints use."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def attention_bias(key_mask: torch.Tensor, start: int, width: int, groups: int, dtype: torch.dtype):
+    """Additive mask (B, 1, groups·T, L): new token t sees cached or new positions ≤ start + t that are
+    not padding. A query with nothing to see (a padding position in a prompt) gets a finite, unused row."""
+    length = key_mask.shape[1]
+    causal = torch.arange(length, device=key_mask.device) <= (
+        start + torch.arange(width, device=key_mask.device)
+    ).unsqueeze(1)
+    allowed = causal.unsqueeze(0) & key_mask.bool().unsqueeze(1)  # (B, T, L)
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=key_mask.device)
+    bias.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return bias.unsqueeze(1).repeat(1, 1, groups, 1)
+
+
+def grouped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """softmax(q·kᵀ·scaling + bias)·v with q (B, H, T, D) and k, v (B, H_kv, L, D), H = groups × H_kv.
+
+    The heads that share a key/value head are stacked along the query axis, so the keys and values are
+    read as they are, not repeated per head.
+    """
+    batch, heads, width, dim = q.shape
+    kv_heads = k.shape[1]
+    stacked = q.reshape(batch, kv_heads, heads // kv_heads * width, dim)
+    scores = torch.matmul(stacked, k.transpose(-1, -2)).mul_(scaling).add_(bias)
+    return torch.matmul(scores.softmax(dim=-1), v).view(batch, heads, width, dim)
+
+
+def sampling_decoder(model: nn.Module, batch_hint: int) -> Any:
+    """A :class:`FusedDecoder` of the model's current weights when it :func:`supports` it, else None."""
+    return FusedDecoder(model, batch_hint) if supports(model) else None
