@@ -138,8 +138,7 @@ class GRPOTrainer:
             self.policy.eval()
             with torch.inference_mode(), self.models.reference() as reference:
                 if c.fused_inference and fused.supports(reference):
-                    # Packing pays for thin decoding products, not for these (micro-batch × length) rows.
-                    score = fused.FusedDecoder(reference, micro, pack=False).completion_logps
+                    score = fused.FusedDecoder(reference, micro * c.max_completion_length).completion_logps
                 else:
                     score = functools.partial(completion_logps, reference)
                 ref_logps = torch.cat([logps_of(score, s) for s in slices])
