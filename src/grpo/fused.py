@@ -278,7 +278,8 @@ def grouped_attention(
     kv_heads = k.shape[1]
     stacked = q.reshape(batch, kv_heads, heads // kv_heads * width, dim)
     scores = torch.matmul(stacked, k.transpose(-1, -2)).mul_(scaling).add_(bias)
-    return torch.matmul(scores.softmax(dim=-1), v).view(batch, heads, width, dim)
+    weights = scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype)  # float32 as transformers, for bf16
+    return torch.matmul(weights, v).view(batch, heads, width, dim)
 
 
 def sampling_decoder(model: nn.Module, batch_hint: int) -> Any:
