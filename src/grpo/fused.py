@@ -18,7 +18,6 @@ else keeps transformers' forward. :func:`supports` says which. Tests compare it 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -153,10 +152,10 @@ class FusedDecoder:
         self.rotary = decoder.rotary_emb
         self.final_norm = decoder.norm.weight.detach()
         self.lm_head = PackedLinear(*effective_linear(base.lm_head), batch_hint, pack)
+        self.scaling = getattr(decoder.layers[0].self_attn, "scaling", self.head_dim**-0.5)
         self.layers = []
         for layer in decoder.layers:
             attention, mlp = layer.self_attn, layer.mlp
-            self.scaling = getattr(attention, "scaling", self.head_dim**-0.5)
             self.layers.append(
                 FusedLayer(
                     input_norm=layer.input_layernorm.weight.detach(),
@@ -282,6 +281,6 @@ def grouped_attention(
     return torch.matmul(weights, v).view(batch, heads, width, dim)
 
 
-def sampling_decoder(model: nn.Module, batch_hint: int) -> Any:
+def sampling_decoder(model: nn.Module, batch_hint: int) -> FusedDecoder | None:
     """A :class:`FusedDecoder` of the model's current weights when it :func:`supports` it, else None."""
     return FusedDecoder(model, batch_hint) if supports(model) else None
