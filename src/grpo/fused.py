@@ -44,8 +44,8 @@ def supports(model: nn.Module) -> bool:
         return False
     if getattr(config, "sliding_window", None) is not None:
         return False
-    weight = base.get_input_embeddings().weight
-    if not weight.dtype.is_floating_point or hasattr(base.get_input_embeddings(), "base_layer"):
+    embeddings = base.get_input_embeddings()
+    if not embeddings.weight.dtype.is_floating_point or hasattr(embeddings, "base_layer"):
         return False
     for module in base.modules():
         if hasattr(module, "lora_A"):
