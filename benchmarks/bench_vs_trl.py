@@ -33,17 +33,16 @@ from pathlib import Path
 
 import torch
 
+CHECKPOINTED = {"num_iterations": 1, "gradient_checkpointing": True}
 CONFIGS = {
     "lora-mu1": {"use_lora": True, "num_iterations": 1},
     "lora-mu2": {"use_lora": True, "num_iterations": 2},
     "full-mu1": {"use_lora": False, "num_iterations": 1},
     "full-mu2": {"use_lora": False, "num_iterations": 2},
-    # grpo with gradient checkpointing, as TRL always runs here; compared with TRL's lora-mu1 run.
-    "lora-mu1-gc": {
-        "use_lora": True,
-        "num_iterations": 1,
-        "gradient_checkpointing": True,
-        "trl_as": "lora-mu1",
+    # grpo with gradient checkpointing, as TRL always runs here; compared with TRL's run without "-gc".
+    **{
+        f"{base}-gc": {**CHECKPOINTED, "use_lora": base == "lora-mu1", "trl_as": base}
+        for base in ("lora-mu1", "full-mu1")
     },
 }
 PROMPTS_PER_STEP, GROUP, COMPLETION_TOKENS, MICRO_BATCH, BETA = 4, 8, 128, 8, 0.04

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from grpo.models import enable_checkpointing
 from grpo.rollout import (
     completion_logps,
     completion_logps_unshared,
@@ -151,11 +152,11 @@ def test_sampling_log_probs_equal_the_training_forward(model_and_tokenizer):
     torch.testing.assert_close(rollout.sampling_logps[mask], recomputed[mask], atol=1e-5, rtol=1e-5)
 
 
-def test_gradient_checkpointing_gives_the_same_log_probs_and_gradients(model_and_tokenizer, tiny_model):
+def test_gradient_checkpointing_keeps_the_shared_prompt_and_changes_nothing(model_and_tokenizer, tiny_model):
     _, tokenizer = model_and_tokenizer
     plain = AutoModelForCausalLM.from_pretrained(tiny_model).train()
     checkpointed = AutoModelForCausalLM.from_pretrained(tiny_model).train()
-    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(checkpointed)
     torch.manual_seed(4)
     rollout = generate(plain, tokenizer, PROMPTS, num_generations=2, max_completion_length=8)
     args = (
@@ -166,14 +167,29 @@ def test_gradient_checkpointing_gives_the_same_log_probs_and_gradients(model_and
         rollout.completion_mask,
     )
     results = []
-    for model, compute in ((plain, completion_logps), (checkpointed, completion_logps_unshared)):
+    for model, compute in (
+        (plain, completion_logps_unshared),
+        (plain, completion_logps),
+        (checkpointed, completion_logps),
+    ):
+        model.zero_grad(set_to_none=True)
+        mlp = model.model.layers[0].mlp
+        rows_seen = []  # rows of each call of the first MLP: forward passes and recomputations (which
+        # bypass module hooks, so the method itself is wrapped)
+        mlp.forward = lambda x, forward=mlp.forward, seen=rows_seen: seen.append(len(x)) or forward(x)
         logps = compute(model, *args)
         (logps * rollout.completion_mask).sum().backward()
-        results.append((logps.detach(), [p.grad for p in model.parameters()]))
+        del mlp.forward
+        results.append((logps.detach(), [p.grad for p in model.parameters()], rows_seen))
+    n_prompts, n_completions = len(PROMPTS), len(rollout.completion_ids)
+    assert results[0][2] == [n_completions]  # each completion with its own copy of the prompt
+    assert results[1][2] == [n_prompts, n_completions]  # the prompts once, then the completions
+    assert results[2][2] == [n_prompts, n_completions, n_completions]  # ... recomputed in the backward pass
     mask = rollout.completion_mask.bool()
-    torch.testing.assert_close(results[0][0][mask], results[1][0][mask], atol=1e-5, rtol=1e-5)
-    for a, b in zip(results[0][1], results[1][1]):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    for logps, grads, _ in results[1:]:
+        torch.testing.assert_close(results[0][0][mask], logps[mask], atol=1e-5, rtol=1e-5)
+        for a, b in zip(results[0][1], grads):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_selective_log_softmax_matches_log_softmax_in_value_and_gradient():

@@ -46,7 +46,7 @@ class GRPOConfig:
     """Modules that get adapters: "all-linear" or a comma-separated list of module names."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass instead of keeping them: much less memory
-    for about a third more compute. Prompts are then run once per completion rather than once per group."""
+    for about a third more compute. Each group's shared prompt still runs once."""
     dtype: str = "auto"
     """Weights' dtype: "auto" (float32 on CPU, bfloat16 on a GPU that supports it), "float32", "bfloat16"."""
     fused_inference: bool = True

@@ -176,7 +176,7 @@ def load_policy(config: GRPOConfig, path: str | None = None) -> tuple[PolicyAndR
     tokenizer = load_tokenizer(path)
     model = load_causal_lm(path, pick_dtype(config.dtype))
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     needs_reference = config.beta != 0
     if config.use_lora:
         policy = wrap_lora(model, config)
@@ -185,6 +185,15 @@ def load_policy(config: GRPOConfig, path: str | None = None) -> tuple[PolicyAndR
     if needs_reference:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     return PolicyAndReference(model, reference, False, needs_reference), tokenizer
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in the backward pass instead of keeping its activations."""
+    kwargs = {"use_reentrant": False}  # the reentrant variant needs inputs that require grad
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.20; the older name warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -379,6 +381,39 @@ def selective_log_softmax(
     return _SelectiveLogSoftmax.apply(logits, tokens, reuse_logits)
 
 
+class PromptPrefixLayer(DynamicLayer):
+    """A cache layer that holds a prompt's keys and values and hands each forward pass them joined with its
+    own, keeping nothing: a pass can run twice (gradient checkpointing recomputes it) and see the same cache.
+    """
+
+    @classmethod
+    def holding(cls, keys: torch.Tensor, values: torch.Tensor) -> PromptPrefixLayer:
+        layer = cls()
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        return layer
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+@contextlib.contextmanager
+def checkpointing_flags(model: nn.Module, **flags: bool) -> Iterator[None]:
+    """Set attributes of every module of ``model`` that takes part in gradient checkpointing (its layers and
+    the model that decides ``use_cache``) for the duration of the block."""
+    layers = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+    saved = [{name: layer.__dict__[name] for name in flags if name in layer.__dict__} for layer in layers]
+    for layer in layers:
+        layer.__dict__.update(flags)
+    try:
+        yield
+    finally:
+        for layer, before in zip(layers, saved):
+            for name in flags:
+                layer.__dict__.pop(name, None)
+            layer.__dict__.update(before)
+
+
 def completion_logps(
     model: nn.Module,
     prompt_ids: torch.Tensor,
@@ -395,19 +430,28 @@ def completion_logps(
     prompt's activations from every completion), and only the completion tokens run again. When G
     completions share a prompt this does the prompt's work once instead of G times. Logits are divided by
     the sampling temperature so that the probabilities are those of the distribution that was sampled.
+
+    Under gradient checkpointing the prompts (one row each, a small share of the activations) run without
+    it, and the completions' layers are recomputed in the backward pass reading the same prompt cache:
+    transformers' own checkpointing would drop the cache and run each prompt once per completion.
     """
     used, local_index = torch.unique(prompt_index, return_inverse=True)
     prompt_ids, prompt_mask = prompt_ids[used], prompt_mask[used]
     positions = prompt_positions(prompt_mask)
-    out = model(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        position_ids=positions,
-        use_cache=True,
-        logits_to_keep=1,
+    with checkpointing_flags(model, gradient_checkpointing=False):
+        out = model(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+    prefix = Cache(
+        layers=[
+            PromptPrefixLayer.holding(layer.keys[local_index], layer.values[local_index])
+            for layer in out.past_key_values.layers
+        ]
     )
-    cache = out.past_key_values
-    cache.batch_select_indices(local_index)
     width = completion_ids.shape[1]
     attention_mask = torch.cat([prompt_mask[local_index], completion_mask.to(prompt_mask.dtype)], dim=1)
     completion_positions = positions[local_index, -1:] + 1 + torch.arange(width, device=positions.device)
@@ -415,13 +459,14 @@ def completion_logps(
     # predicts nothing we need, so it is not fed in. Log-probs are joined, not the (much larger) logits.
     logps = [token_logps(out.logits[local_index, -1:], completion_ids[:, :1], temperature, True)]
     if width > 1:
-        rest = model(
-            input_ids=completion_ids[:, :-1],
-            attention_mask=attention_mask[:, :-1],
-            position_ids=completion_positions[:, :-1],
-            past_key_values=cache,
-            use_cache=True,
-        ).logits
+        with checkpointing_flags(model, _can_checkpoint_with_cache=True):
+            rest = model(
+                input_ids=completion_ids[:, :-1],
+                attention_mask=attention_mask[:, :-1],
+                position_ids=completion_positions[:, :-1],
+                past_key_values=prefix,  # read whatever use_cache says
+                use_cache=False,
+            ).logits
         logps.append(token_logps(rest, completion_ids[:, 1:], temperature, reuse_logits=True))
     return torch.cat(logps, dim=1)
 

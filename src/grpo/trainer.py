@@ -28,7 +28,7 @@ from grpo.data import PromptSampler, Row, render_prompt
 from grpo.losses import policy_loss
 from grpo.models import PolicyAndReference, trainable_parameters
 from grpo.rewards import Reward, score_groups, weighted_sum
-from grpo.rollout import Rollout, completion_logps, completion_logps_unshared, generate
+from grpo.rollout import Rollout, completion_logps, generate
 
 
 @dataclass
@@ -125,10 +125,6 @@ class GRPOTrainer:
         micro = c.per_device_train_batch_size
         slices = [slice(i, i + micro) for i in range(0, len(completion_ids), micro)]
 
-        # Under gradient checkpointing transformers drops the key/value cache that the shared-prompt path
-        # needs, so each completion then runs with its own copy of the prompt.
-        with_gradients = completion_logps_unshared if c.gradient_checkpointing else completion_logps
-
         def logps_of(compute: Callable[..., torch.Tensor], s: slice) -> torch.Tensor:
             args = (prompt_ids, prompt_mask, prompt_index[s], completion_ids[s], completion_mask[s])
             return compute(*args, c.temperature)
@@ -153,7 +149,7 @@ class GRPOTrainer:
         self.policy.train()
         for _ in range(c.num_iterations):
             for s in slices:
-                logps = logps_of(functools.partial(with_gradients, self.policy), s)
+                logps = logps_of(functools.partial(completion_logps, self.policy), s)
                 loss, metrics = policy_loss(
                     logps,
                     logps.detach() if old_logps is None else old_logps[s],
