@@ -72,3 +72,20 @@ def tiny_dataset(tmp_path: Path) -> Path:
     ]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+# Random weights never produce the answer format, so the built-in rewards would all be 0 and no group
+# would carry a signal; a reward on completion length varies from the first step.
+LENGTH_REWARD = """
+def length_reward(prompts, completions, **columns):
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    assert len(columns["answer"]) == len(completions)
+    return [min(len(t), 40) / 40 for t in texts]
+"""
+
+
+@pytest.fixture()
+def reward_file(tmp_path: Path) -> Path:
+    path = tmp_path / "my_rewards.py"
+    path.write_text(LENGTH_REWARD)
+    return path

@@ -3,64 +3,19 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from cli_args import base_args
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from grpo.cli import app
 
-# Random weights never produce the answer format, so the built-in rewards would all be 0 and no group
-# would carry a signal; a reward on completion length varies from the first step.
-LENGTH_REWARD = """
-def length_reward(prompts, completions, **columns):
-    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
-    assert len(columns["answer"]) == len(completions)
-    return [min(len(t), 40) / 40 for t in texts]
-"""
-
-
-@pytest.fixture()
-def reward_file(tmp_path: Path) -> Path:
-    path = tmp_path / "my_rewards.py"
-    path.write_text(LENGTH_REWARD)
-    return path
-
 
 def train(args: list[str]) -> tuple[int, str]:
     result = CliRunner().invoke(app, ["train", *args])
     return result.exit_code, result.output + (result.stderr if result.stderr_bytes is not None else "")
-
-
-def base_args(tiny_model: Path, dataset: Path, output: Path, reward_file: Path) -> list[str]:
-    return [
-        "--model",
-        str(tiny_model),
-        "--dataset",
-        str(dataset),
-        "--output-dir",
-        str(output),
-        "--seed",
-        "7",
-        "--num-generations",
-        "4",
-        "--per-device-train-batch-size",
-        "4",
-        "--gradient-accumulation-steps",
-        "2",
-        "--max-completion-length",
-        "12",
-        "--learning-rate",
-        "1e-2",
-        "--logging-steps",
-        "1",
-        "--reward-funcs",
-        f"accuracy,format,{reward_file}:length_reward",
-        "--reward-weights",
-        "1,1,1",
-    ]
 
 
 def test_lora_run_changes_the_adapter_and_writes_loadable_files(

@@ -20,20 +20,26 @@ import typer
 from rich.console import Console
 
 from grpo.config import ALIASES, GRPOConfig, _strip_optional, field_docs, field_types, load_config
-from grpo.errors import GRPOError
+from grpo.errors import GRPOError, RunInterrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Group Relative Policy Optimization.")
 console = Console(stderr=True)
 
 
 def exits_cleanly_on_bad_input(func: Callable) -> Callable:
+    """Bad input (and a diverged run) ends with one line and its exit code; a run stopped by a signal
+    says where its checkpoint is and exits with 128 + the signal's number, as a shell expects."""
+
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
         except GRPOError as error:
             print(f"error: {error}", file=sys.stderr)
-            raise typer.Exit(2) from None
+            raise typer.Exit(error.exit_code) from None
+        except RunInterrupted as stopped:
+            print(str(stopped), file=sys.stderr)
+            raise typer.Exit(stopped.exit_code) from None
 
     return wrapper
 

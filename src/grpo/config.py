@@ -130,6 +130,9 @@ class GRPOConfig:
     """Optimizer updates of linear warm-up."""
     max_grad_norm: float = 1.0
     """Clip the gradient's global norm to this (0 = no clipping)."""
+    max_nonfinite_updates: int = 3
+    """An optimizer update whose loss or gradient is NaN or infinite is skipped (and counted in the metrics);
+    this many in a row stop the run with a message."""
     max_steps: int = 30
     """Training steps; each step samples one batch and makes num_iterations optimizer updates on it."""
     seed: int = 42
@@ -137,7 +140,13 @@ class GRPOConfig:
 
     # --- output ------------------------------------------------------------------------------------------
     output_dir: str | None = None
-    """Where the run's files go (default: runs/<dataset>-<date>-<time>)."""
+    """Where the run's files go (default: runs/<dataset>-<date>-<time>). When it already holds a checkpoint
+    of the same run (same settings), the run continues from the newest one."""
+    resume_from_checkpoint: str | None = None
+    """Continue a run from this checkpoint directory, or from the newest checkpoint of this run directory:
+    weights, optimizer, scheduler, step, data order and random generators, so that the result is the same
+    as an uninterrupted run's. The checkpoint's own settings are the base that a config file and flags
+    override (e.g. a larger max_steps)."""
     logging_steps: int = 1
     """Print and log metrics every this many steps."""
     save_steps: int = 0
@@ -176,6 +185,7 @@ class GRPOConfig:
             "max_steps",
             "logging_steps",
             "max_prompt_length",
+            "max_nonfinite_updates",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -237,7 +247,7 @@ class GRPOConfig:
 
 
 # Short flags that TRL users and the README use; each maps onto a field.
-ALIASES = {"model": "model_name_or_path"}
+ALIASES = {"model": "model_name_or_path", "resume": "resume_from_checkpoint"}
 
 
 @cache
@@ -363,9 +373,31 @@ def load_config(config_file: str | Path | None = None, overrides: dict[str, Any]
             if name not in known:
                 raise unknown_key_error(str(key), source)
             values[name] = coerce(name, value, source)
+    if values.get("resume_from_checkpoint"):
+        values = {**resumed_settings(values["resume_from_checkpoint"], values), **values}
     config = GRPOConfig(**values)
     config.validate()
     return config
+
+
+def resumed_settings(resume_from: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The settings saved with the checkpoint that ``resume_from`` names, as the base layer of a resumed
+    run; its output directory is the checkpoint's run directory unless one is given."""
+    from grpo.checkpoint import latest_checkpoint, read_trainer_state
+
+    checkpoint = latest_checkpoint(Path(resume_from))
+    if checkpoint is None:
+        raise ConfigError(
+            f"{resume_from}: resume_from_checkpoint names no checkpoint or run directory with one"
+        )
+    saved = read_trainer_state(checkpoint).get("config") or {}
+    known = {f.name for f in dataclasses.fields(GRPOConfig)}
+    source = f"{checkpoint}/trainer_state.json"
+    base = {name: coerce(name, value, source) for name, value in saved.items() if name in known}
+    base["resume_from_checkpoint"] = str(checkpoint)
+    if "output_dir" not in given:
+        base["output_dir"] = str(checkpoint.parent)
+    return base
 
 
 def to_dict(config: GRPOConfig) -> dict[str, Any]:

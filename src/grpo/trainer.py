@@ -7,12 +7,16 @@ updates over the batch in micro-batches. The math lives in :mod:`grpo.advantages
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
+import signal
+import sys
+import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +26,19 @@ from transformers import get_scheduler
 
 from grpo import fused
 from grpo.advantages import group_advantages, zero_std_group_fraction
-from grpo.checkpoint import CHECKPOINT_PREFIX, prune_checkpoints, save_checkpoint
+from grpo.checkpoint import (
+    CHECKPOINT_PREFIX,
+    capture_rng,
+    load_training_state,
+    load_weights,
+    prune_checkpoints,
+    restore_rng,
+    save_checkpoint,
+)
 from grpo.config import GRPOConfig, to_dict
 from grpo.data import PromptSampler, Row, render_prompt
+from grpo.errors import RunFailed, RunInterrupted
+from grpo.files import write_text_atomic
 from grpo.losses import policy_loss
 from grpo.models import PolicyAndReference, trainable_parameters
 from grpo.rewards import Reward, score_groups, weighted_sum
@@ -51,6 +65,7 @@ class GRPOTrainer:
         train_rows: list[Row],
         output_dir: Path,
         on_step: Callable[[int, dict[str, float]], None] | None = None,
+        notify: Callable[[str], None] | None = None,
     ):
         self.config = config
         self.models = models
@@ -59,6 +74,7 @@ class GRPOTrainer:
         self.rewards = list(rewards)
         self.output_dir = output_dir
         self.on_step = on_step
+        self.notify = notify or (lambda message: print(message, file=sys.stderr))
         self.sampler = PromptSampler(train_rows, config.prompts_per_step, config.seed, config.shuffle_dataset)
         self.step = 0
         params = list(trainable_parameters(self.policy).values())
@@ -75,24 +91,18 @@ class GRPOTrainer:
             num_training_steps=config.max_steps * config.num_iterations,
         )
         self.device = next(self.policy.parameters()).device
+        self.generation_batch_size = config.generation_batch_size
+        self.logged: list[dict[str, float]] = []  # the lines of metrics.jsonl
+        self.nonfinite_in_a_row = 0
+        self.saved_step: int | None = None
+        self.stop_signal: int | None = None
+        self.updated_this_step = False
 
     # --- one step ----------------------------------------------------------------------------------------
     def sample_and_score(self, rows: list[Row]) -> ScoredBatch:
         c = self.config
         prompts = [render_prompt(row["prompt"], self.tokenizer) for row in rows]
-        rollout = generate(
-            self.policy,
-            self.tokenizer,
-            prompts,
-            num_generations=c.num_generations,
-            max_completion_length=c.max_completion_length,
-            max_prompt_length=c.max_prompt_length,
-            temperature=c.temperature,
-            top_p=c.top_p,
-            top_k=c.top_k,
-            batch_size=c.generation_batch_size,
-            fused=c.fused_inference,
-        )
+        rollout = self._generate_within_memory(prompts)
         g = c.num_generations
         scores = score_groups(
             self.rewards,
@@ -106,11 +116,53 @@ class GRPOTrainer:
         advantages = group_advantages(total, g, c.scale_rewards)
         return ScoredBatch(rollout, total, scores, advantages)
 
+    def _generate_within_memory(self, prompts: list[str]) -> Rollout:
+        """Sample; when memory runs out, halve the completions decoded at once (for the rest of the run)
+        and retry once, from the same random state."""
+        c = self.config
+        rng = capture_rng()
+        for attempt in range(2):
+            try:
+                return generate(
+                    self.policy,
+                    self.tokenizer,
+                    prompts,
+                    num_generations=c.num_generations,
+                    max_completion_length=c.max_completion_length,
+                    max_prompt_length=c.max_prompt_length,
+                    temperature=c.temperature,
+                    top_p=c.top_p,
+                    top_k=c.top_k,
+                    batch_size=self.generation_batch_size,
+                    fused=c.fused_inference,
+                )
+            except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
+                if not is_out_of_memory(error):
+                    raise
+                at_once = self.generation_batch_size or len(prompts) * c.num_generations
+                if attempt == 1 or at_once <= c.num_generations:
+                    raise RunFailed(
+                        f"step {self.step + 1}: out of memory while sampling {at_once} completions at once; "
+                        "lower generation_batch_size, per_device_train_batch_size or max_completion_length"
+                    ) from None
+                self.generation_batch_size = max(c.num_generations, at_once // 2)
+                self.notify(
+                    f"step {self.step + 1}: out of memory while sampling {at_once} completions at once; "
+                    f"retrying with generation_batch_size = {self.generation_batch_size}"
+                )
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                restore_rng(rng)
+        raise AssertionError("unreachable")
+
     def train_step(self) -> dict[str, float]:
         c = self.config
         started = time.perf_counter()
+        self.updated_this_step = False
         batch = self.sample_and_score(self.sampler.batch(self.step))
         generation_time = time.perf_counter() - started
+        if self.stop_signal is not None:
+            raise _StopNow  # nothing has changed yet: the step is redone on resume
 
         rollout = batch.rollout
         prompt_ids, prompt_mask = rollout.prompt_ids.to(self.device), rollout.prompt_mask.to(self.device)
@@ -170,17 +222,37 @@ class GRPOTrainer:
                 sums["loss"] += loss.item() / c.num_iterations
                 for key, value in metrics.items():
                     sums[key] += value / (len(slices) * c.num_iterations)
-            grad_norms.append(self._optimizer_step())
+            grad_norms.append(self._optimizer_step(sums["loss"]))
+            sums["skipped_updates"] += 0 if math.isfinite(grad_norms[-1]) else 1
         self.step += 1
         step_time = time.perf_counter() - started
         return self._step_metrics(batch, loss_mask, sums, grad_norms, generation_time, step_time)
 
-    def _optimizer_step(self) -> float:
+    def _optimizer_step(self, loss: float) -> float:
+        """Clip and apply the accumulated gradient; skip the update (optimizer and schedule) when the loss or
+        the gradient is not finite, and stop the run after ``max_nonfinite_updates`` such in a row.
+        Returns the gradient norm (NaN for a skipped update)."""
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         max_norm = self.config.max_grad_norm or math.inf
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-        self.optimizer.step()
-        self.scheduler.step()
+        if math.isfinite(loss) and math.isfinite(norm):
+            self.optimizer.step()
+            self.scheduler.step()
+            self.updated_this_step = True
+            self.nonfinite_in_a_row = 0
+        else:
+            self.nonfinite_in_a_row += 1
+            limit = self.config.max_nonfinite_updates
+            self.notify(
+                f"step {self.step + 1}: skipped an update with loss {loss} and gradient norm {norm} "
+                f"({self.nonfinite_in_a_row} in a row; the run stops at {limit})"
+            )
+            if self.nonfinite_in_a_row >= limit:
+                raise RunFailed(
+                    f"step {self.step + 1}: the loss or gradient was NaN or infinite in {limit} updates in a "
+                    "row (all skipped), so the run stopped; lower learning_rate or check the reward functions"
+                )
+            norm = math.nan
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
@@ -212,7 +284,8 @@ class GRPOTrainer:
         m["completions/max_length"] = lengths.max().item()
         m["completions/truncated_ratio"] = rollout.truncated.float().mean().item()
         m.update(sums)
-        m["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        finite = [n for n in grad_norms if math.isfinite(n)]
+        m["grad_norm"] = sum(finite) / len(finite) if finite else math.nan
         m["learning_rate"] = self.scheduler.get_last_lr()[0]
         m["generation_time"] = generation_time
         m["step_time"] = step_time
@@ -223,27 +296,43 @@ class GRPOTrainer:
     def train(
         self, progress: Callable[[int, dict[str, float]], None] | None = None
     ) -> list[dict[str, float]]:
-        """Run until ``max_steps``; write metrics.jsonl and checkpoints; return every step's metrics."""
+        """Run until ``max_steps``, writing metrics.jsonl and checkpoints; return the logged metrics (of the
+        whole run, a resumed one included).
+
+        SIGINT or SIGTERM stops the run at the next safe point with a checkpoint (a second signal stops it at
+        once). A step that fails before it has changed the weights (a reward function raising, a signal while
+        sampling) leaves a checkpoint of the previous step, so that no finished step is lost.
+        """
         c = self.config
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        history = []
-        with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as log:
+        with self._signals_stop_the_run():
             while self.step < c.max_steps:
-                metrics = self.train_step()
-                history.append(metrics)
+                rng_at_start = capture_rng()
+                try:
+                    metrics = self.train_step()
+                except _StopNow:
+                    self._save_unless_saved(rng_at_start)
+                    raise self._interrupted() from None
+                except BaseException:
+                    if not self.updated_this_step:
+                        self._save_unless_saved(rng_at_start)
+                    raise
                 if self.step % c.logging_steps == 0 or self.step == c.max_steps:
-                    log.write(json.dumps(metrics) + "\n")
-                    log.flush()
+                    self.logged.append(metrics)
+                    self._write_metrics()
                 if progress is not None:
                     progress(self.step, metrics)
                 if self.on_step is not None:
                     self.on_step(self.step, metrics)
+                if self.stop_signal is not None:
+                    self.save()
+                    raise self._interrupted()
                 if c.save_steps and self.step % c.save_steps == 0 and self.step < c.max_steps:
                     self.save()
-        self.save()
-        return history
+            self._save_unless_saved()
+        return self.logged
 
-    def save(self) -> Path:
+    def save(self, rng_state: dict | None = None) -> Path:
         state = {"step": self.step, "config": to_dict(self.config)}
         directory = save_checkpoint(
             self.output_dir / f"{CHECKPOINT_PREFIX}{self.step}",
@@ -251,6 +340,84 @@ class GRPOTrainer:
             self.optimizer,
             self.scheduler,
             state,
+            rng_state,
         )
+        self.saved_step = self.step
         prune_checkpoints(self.output_dir, self.config.save_total_limit)
         return directory
+
+    def _save_unless_saved(self, rng_state: dict | None = None) -> None:
+        if self.step > 0 and self.saved_step != self.step:
+            self.save(rng_state)
+
+    def resume(self, checkpoint: Path) -> None:
+        """Continue from ``checkpoint`` exactly: weights, optimizer, scheduler, step, random generators, and
+        the metrics logged up to its step (later lines, from the run that was cut short, are dropped)."""
+        load_weights(checkpoint, self.policy)
+        state, rng = load_training_state(checkpoint, self.optimizer, self.scheduler)
+        restore_rng(rng)
+        self.step = self.saved_step = state["step"]
+        self.logged = [m for m in read_metrics(self.output_dir / METRICS_FILE) if m["step"] <= self.step]
+        self._write_metrics()
+
+    def _write_metrics(self) -> None:
+        text = "".join(json.dumps(m) + "\n" for m in self.logged)
+        write_text_atomic(self.output_dir / METRICS_FILE, text)
+
+    def _interrupted(self) -> RunInterrupted:
+        name = signal.Signals(self.stop_signal).name
+        where = self.output_dir / f"{CHECKPOINT_PREFIX}{self.saved_step}"
+        return RunInterrupted(
+            self.stop_signal,
+            f"stopped by {name} after step {self.step}; checkpoint {where}; "
+            f"continue with: grpo train --resume {self.output_dir}",
+        )
+
+    @contextlib.contextmanager
+    def _signals_stop_the_run(self) -> Iterator[None]:
+        """The first SIGINT/SIGTERM asks the loop to stop at the next safe point; a second one stops now."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def ask_to_stop(number: int, frame: Any) -> None:
+            if self.stop_signal is not None:
+                raise KeyboardInterrupt
+            self.stop_signal = number
+            self.notify(
+                f"{signal.Signals(number).name}: saving a checkpoint at the end of this step "
+                "(send it again to stop at once)"
+            )
+
+        previous = {number: signal.signal(number, ask_to_stop) for number in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+
+class _StopNow(Exception):
+    """Raised inside a step, before it changes anything, when a signal asked the run to stop."""
+
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    """The complete lines of a metrics file (a torn last line, which grpo itself never writes, is dropped)."""
+    if not path.is_file():
+        return []
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return lines
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A failed allocation: Python's MemoryError, CUDA's "out of memory", or the CPU allocator's message."""
+    message = str(error).lower()
+    return isinstance(error, MemoryError) or "out of memory" in message or "can't allocate memory" in message
