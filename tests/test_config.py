@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from grpo.config import GRPOConfig, load_config, to_dict
-from grpo.errors import ConfigError
+from grpo.errors import ConfigError, GRPOError
 
 
 def write_yaml(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
@@ -294,3 +294,35 @@ def test_any_text_for_an_int_field_gives_a_config_error_or_the_right_int(text):
         return
     assert type(config.seed) is int
     assert float(config.seed) == float(text.strip())
+
+
+FIELD_NAMES = [f.name for f in dataclasses.fields(GRPOConfig)]
+YAML_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=2),
+    max_leaves=5,
+)
+
+
+@settings(
+    max_examples=300,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(mapping=st.dictionaries(st.sampled_from(FIELD_NAMES) | st.text(max_size=12), YAML_VALUES, max_size=4))
+def test_any_yaml_mapping_gives_a_valid_config_or_one_line_error(tmp_path, mapping):
+    path = write_yaml(tmp_path, yaml.safe_dump(mapping, allow_unicode=True))
+    try:
+        config = load_config(path)
+    except GRPOError as error:
+        assert "\n" not in str(error), str(error)
+        return
+    config.validate()
+    for name, value in mapping.items():
+        if (
+            name in FIELD_NAMES
+            and isinstance(value, bool | int)
+            and not isinstance(getattr(config, name), str)
+        ):
+            assert getattr(config, name) == value

@@ -7,8 +7,10 @@ import re
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from grpo.data import PromptSampler, load_rows, render_prompt, reward_columns
+from grpo.data import PromptSampler, check_row, load_rows, render_prompt, reward_columns
 from grpo.errors import DataError
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"}]
@@ -390,3 +392,78 @@ def test_arithmetic_default_split_is_train():
 def test_arithmetic_unknown_split_is_a_value_error():
     with pytest.raises(ValueError, match="'validation'"):
         load_rows("arithmetic", "validation")
+
+
+# --- properties: whatever the file holds, checked rows or one DataError ------------------------------------
+
+PROPERTY_SETTINGS = {
+    "deadline": None,
+    "database": None,
+    "suppress_health_check": [HealthCheck.function_scoped_fixture],
+}
+KEYS = st.sampled_from(["prompt", "role", "content", "answer", "x"])
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(KEYS, inner, max_size=3),
+    max_leaves=8,
+)
+
+
+def assert_rows_or_one_line_error(path: Path) -> None:
+    try:
+        rows = load_rows(str(path))
+    except DataError as error:
+        message = str(error)
+        assert message.startswith(str(path)) and "\n" not in message, message
+        return
+    assert rows
+    for number, row in enumerate(rows, start=1):
+        check_row(row, str(path), number)  # never raises for rows load_rows returned
+        assert all(isinstance(name, str) for name in row), "column names reach reward functions as keywords"
+
+
+@settings(max_examples=200, **PROPERTY_SETTINGS)
+@given(content=st.binary(max_size=200), suffix=st.sampled_from([".jsonl", ".json", ".csv"]))
+def test_any_bytes_give_checked_rows_or_a_data_error_naming_the_file(tmp_path, content, suffix):
+    path = tmp_path / f"data{suffix}"
+    path.write_bytes(content)
+    assert_rows_or_one_line_error(path)
+
+
+@settings(max_examples=200, **PROPERTY_SETTINGS)
+@given(values=st.lists(JSON_VALUES, max_size=5), as_list=st.booleans())
+def test_any_json_values_give_checked_rows_or_a_data_error_naming_the_file(tmp_path, values, as_list):
+    if as_list:
+        path = tmp_path / "data.json"
+        path.write_text(json.dumps(values))
+    else:
+        path = tmp_path / "data.jsonl"
+        path.write_text("".join(json.dumps(value) + "\n" for value in values))
+    assert_rows_or_one_line_error(path)
+
+
+@settings(max_examples=200, **PROPERTY_SETTINGS)
+@given(cells=st.lists(st.lists(st.text(max_size=6), min_size=0, max_size=4), min_size=1, max_size=5))
+def test_any_csv_table_gives_checked_rows_or_a_data_error_naming_the_file(tmp_path, cells):
+    import csv as csv_module
+
+    path = tmp_path / "data.csv"
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        csv_module.writer(handle).writerows([["prompt", "answer"], *cells])
+    assert_rows_or_one_line_error(path)
+
+
+@settings(max_examples=100, **PROPERTY_SETTINGS)
+@given(
+    rows=st.lists(
+        st.fixed_dictionaries(
+            {"prompt": st.text(min_size=1).filter(str.strip), "answer": st.text() | st.integers() | st.none()}
+        ),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_valid_rows_round_trip_through_jsonl_unchanged(tmp_path, rows):
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    assert load_rows(str(path)) == rows

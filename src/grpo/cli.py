@@ -35,7 +35,8 @@ def exits_cleanly_on_bad_input(func: Callable) -> Callable:
         try:
             return func(*args, **kwargs)
         except GRPOError as error:
-            print(f"error: {error}", file=sys.stderr)
+            # One line, whatever a library's message held (some carry newlines).
+            print("error: " + " ".join(str(error).split()), file=sys.stderr)
             raise typer.Exit(error.exit_code) from None
         except RunInterrupted as stopped:
             print(str(stopped), file=sys.stderr)

@@ -331,7 +331,8 @@ def _strip_optional(hint: Any) -> Any:
 
 def _type_name(kind: Any) -> str:
     if typing.get_origin(kind) is list:
-        return f"a list of {_type_name(typing.get_args(kind)[0])}"
+        plural = {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}
+        return f"a list of {plural[typing.get_args(kind)[0]]}"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(kind, str(kind))
 
 

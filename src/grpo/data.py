@@ -52,7 +52,7 @@ def _read_file(path: Path) -> list[Row]:
         line = path.read_bytes()[: error.start].count(b"\n") + 1
         raise DataError(f"{path}: line {line}: not valid UTF-8") from None
     if suffix == ".csv":
-        return [dict(row) for row in csv.DictReader(io.StringIO(text, newline=""))]
+        return _read_csv(path, text)
     if suffix == ".json":
         try:
             data = json.loads(text)
@@ -75,6 +75,22 @@ def _read_file(path: Path) -> list[Row]:
         if not isinstance(row, dict):
             raise DataError(f"{path}: line {number}: a row must be a JSON object")
         rows.append(row)
+    return rows
+
+
+def _read_csv(path: Path, text: str) -> list[Row]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = []
+    try:
+        for row in reader:
+            if None in row:  # more cells than the header has columns
+                raise DataError(
+                    f"{path}: line {reader.line_num}: {len(row) - 1 + len(row[None])} cells for "
+                    f"{len(reader.fieldnames or [])} columns"
+                )
+            rows.append(row)
+    except csv.Error as error:
+        raise DataError(f"{path}: line {reader.line_num}: not valid CSV ({error})") from None
     return rows
 
 
@@ -135,7 +151,7 @@ def render_prompt(prompt: str | list[dict[str, str]], tokenizer: Any) -> str:
     if isinstance(prompt, str):
         return prompt
     if not getattr(tokenizer, "chat_template", None):
-        raise DataError("the prompts are chat messages but the tokenizer has no chat template")
+        raise DataError("the prompt is chat messages but the tokenizer has no chat template")
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 

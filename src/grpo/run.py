@@ -74,9 +74,14 @@ def check_reward_columns(rows: list[Row], rewards: list[Reward], where: str) -> 
                 )
 
 
-def check_prompt_lengths(rows: list[Row], tokenizer: Any, limit: int, where: str) -> None:
+def check_prompts(rows: list[Row], tokenizer: Any, limit: int, where: str, model: str) -> None:
+    """Every prompt renders with this tokenizer and fits in ``limit`` tokens; else name the row."""
     for number, row in enumerate(rows, start=1):
-        length = len(tokenizer(render_prompt(row["prompt"], tokenizer), add_special_tokens=False).input_ids)
+        try:
+            text = render_prompt(row["prompt"], tokenizer)
+        except DataError as error:
+            raise DataError(f"{where}: row {number}: {error} ({model})") from None
+        length = len(tokenizer(text, add_special_tokens=False).input_ids)
         if length > limit:
             raise DataError(
                 f"{where}: row {number}: the prompt has {length} tokens, "
@@ -146,7 +151,7 @@ def run_training(config: GRPOConfig, console: Console) -> dict[str, Any]:
     seed_everything(config.seed)
 
     models, tokenizer = load_policy(config, model_path)
-    check_prompt_lengths(train_rows, tokenizer, config.max_prompt_length, config.dataset)
+    check_prompts(train_rows, tokenizer, config.max_prompt_length, config.dataset, model_path)
     policy = models.policy
     config = dataclasses.replace(config, output_dir=str(output_dir))
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ from grpo.checkpoint import (
 )
 from grpo.config import GRPOConfig, to_dict
 from grpo.data import PromptSampler, Row, render_prompt
-from grpo.errors import RunFailed, RunInterrupted
+from grpo.errors import RewardError, RunFailed, RunInterrupted
 from grpo.files import write_text_atomic
 from grpo.losses import policy_loss
 from grpo.models import PolicyAndReference, trainable_parameters
@@ -104,14 +104,17 @@ class GRPOTrainer:
         prompts = [render_prompt(row["prompt"], self.tokenizer) for row in rows]
         rollout = self._generate_within_memory(prompts)
         g = c.num_generations
-        scores = score_groups(
-            self.rewards,
-            rows,
-            rollout.texts,
-            completion_ids=[
-                ids[m.bool()].tolist() for ids, m in zip(rollout.completion_ids, rollout.completion_mask)
-            ],
-        )
+        try:
+            scores = score_groups(
+                self.rewards,
+                rows,
+                rollout.texts,
+                completion_ids=[
+                    ids[m.bool()].tolist() for ids, m in zip(rollout.completion_ids, rollout.completion_mask)
+                ],
+            )
+        except RewardError as error:
+            raise RewardError(f"step {self.step + 1}: {error}") from None
         total = weighted_sum(scores, self.rewards)
         advantages = group_advantages(total, g, c.scale_rewards)
         return ScoredBatch(rollout, total, scores, advantages)
