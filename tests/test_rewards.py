@@ -279,7 +279,7 @@ COLUMNS = {"answer": ["7", "7", "7"]}
 
 
 def test_score_has_one_row_per_completion_and_one_column_per_function():
-    scores = score(build_rewards(["accuracy", "format"]), ["p"] * 3, COMPLETIONS, COLUMNS)
+    scores = score(build_rewards(["accuracy", "format"]), ["p"] * 3, COMPLETIONS, COLUMNS).values
     assert scores.shape == (3, 2)
     assert scores.dtype == torch.float32
     assert_close(scores, torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]))
@@ -297,15 +297,15 @@ def test_score_passes_columns_and_extra_keyword_arguments():
 
 
 def test_score_turns_none_into_nan():
-    scores = score([Reward("sparse", constant(1.0, None, 0))], ["p"] * 3, COMPLETIONS, {})
+    scores = score([Reward("sparse", constant(1.0, None, 0))], ["p"] * 3, COMPLETIONS, {}).values
     assert scores[0, 0] == 1.0
     assert math.isnan(scores[1, 0])
     assert scores[2, 0] == 0.0
 
 
 def test_score_accepts_a_tuple_of_ints():
-    scores = score([Reward("ints", lambda prompts, completions, **kw: (1, 0, 2))], ["p"] * 3, COMPLETIONS, {})
-    assert_close(scores, torch.tensor([[1.0], [0.0], [2.0]]))
+    ints = Reward("ints", lambda prompts, completions, **kw: (1, 0, 2))
+    assert_close(score([ints], ["p"] * 3, COMPLETIONS, {}).values, torch.tensor([[1.0], [0.0], [2.0]]))
 
 
 def test_score_names_a_function_that_raises():
@@ -370,7 +370,7 @@ def test_weighted_sum_skips_nan_scores():
 
 def test_weighted_sum_of_score_output_end_to_end():
     rewards = build_rewards(["accuracy", "format"], [1.0, 0.25])
-    scores = score(rewards, ["p"] * 3, COMPLETIONS, COLUMNS)
+    scores = score(rewards, ["p"] * 3, COMPLETIONS, COLUMNS).values
     assert_close(weighted_sum(scores, rewards), torch.tensor([1.25, 0.0, 0.0]))
 
 
@@ -380,7 +380,7 @@ def test_numpy_scores_are_accepted():
     from grpo.rewards import Reward, score
 
     reward = Reward("np", lambda prompts, completions, **_: np.array([1.0, 0.5], dtype=np.float32))
-    assert score([reward], ["p", "p"], ["a", "b"], {}).flatten().tolist() == [1.0, 0.5]
+    assert score([reward], ["p", "p"], ["a", "b"], {}).values.flatten().tolist() == [1.0, 0.5]
 
 
 def test_numbers_compare_exactly_and_commas_only_as_thousands_separators():

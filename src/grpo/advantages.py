@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -45,3 +46,18 @@ def zero_std_group_fraction(rewards: torch.Tensor, group_size: int) -> float:
     """Share of groups whose rewards are all equal: they carry no learning signal."""
     grouped = rewards.view(-1, group_size)
     return (grouped.max(dim=1).values == grouped.min(dim=1).values).float().mean().item()
+
+
+def normalize_per_function(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Each reward function's scores (columns of ``scores``, (N, F)) z-scored within each group of
+    ``group_size`` consecutive rows, so that functions on different scales weigh as their weights say
+    ("normalise, then sum"). NaN (not applicable) stays NaN and is left out of the group's statistics; a
+    group in which a function's scores are all equal gets 0 from it."""
+    grouped = scores.view(-1, group_size, scores.shape[1])
+    present = ~grouped.isnan()
+    count = present.sum(dim=1, keepdim=True).clamp(min=1)
+    filled = torch.where(present, grouped, 0.0)
+    mean = filled.sum(dim=1, keepdim=True) / count
+    var = (torch.where(present, grouped - mean, 0.0) ** 2).sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)
+    z = (grouped - mean) / (var.sqrt() + STD_EPS)
+    return torch.where(present, z, math.nan).view_as(scores)

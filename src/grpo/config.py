@@ -92,11 +92,23 @@ class GRPOConfig:
     """Completions generated at once (default: all of the step's at once)."""
 
     # --- rewards -----------------------------------------------------------------------------------------
-    reward_funcs: list[str] = field(default_factory=lambda: ["accuracy", "format"])
-    """Reward functions by name ("accuracy", "format") or "module:function" / "path/file.py:function", with
-    TRL's signature f(prompts, completions, **columns) -> list[float]."""
+    reward_funcs: list[str | dict[str, Any]] = field(default_factory=lambda: ["accuracy", "format"])
+    """Reward functions: built-in kinds by name ("accuracy", "format", …), users' own as "module:function" or
+    "path/file.py:function" with TRL's signature f(prompts, completions, **columns) -> list[float | None];
+    in a YAML file also a mapping {name: kind, weight: w, option: value, …} for kinds that take options.
+    docs/rewards.md lists every kind."""
     reward_weights: list[float] | None = None
-    """One weight per reward function (default: all 1.0). The reward is their weighted sum."""
+    """One weight per reward function (default: all 1.0, or a mapping's own weight). The reward is their
+    weighted sum."""
+    multi_objective_aggregation: str = "sum_then_normalize"
+    """How several rewards make one advantage: "sum_then_normalize" (weighted sum, then group-relative) or
+    "normalize_then_sum" (each function z-scored within its group first, so that scales do not matter)."""
+    reward_failure: str = "stop"
+    """When a reward function raises, times out or returns something unusable: "stop" the run with one line
+    naming it, score the failed completions "zero", or "skip_group" (leave their groups out of the update);
+    failures are counted per function in the metrics."""
+    reward_timeout: float = 0.0
+    """Seconds a reward function may take per batch (0 = no limit); past it, it counts as a failure."""
 
     # --- GRPO --------------------------------------------------------------------------------------------
     num_iterations: int = 1
@@ -201,6 +213,7 @@ class GRPOConfig:
             "eval_max_samples",
             "top_k",
             "num_threads",
+            "reward_timeout",
             "save_total_limit",
         )
         for name in non_negative:
@@ -233,6 +246,8 @@ class GRPOConfig:
             "scale_rewards": ("group", "batch", "none"),
             "importance_sampling_level": ("token", "sequence"),
             "dtype": ("auto", "float32", "bfloat16", "float16"),
+            "multi_objective_aggregation": ("sum_then_normalize", "normalize_then_sum"),
+            "reward_failure": ("stop", "zero", "skip_group"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -284,10 +299,24 @@ def coerce(name: str, value: Any, source: str) -> Any:
         if typing.get_origin(base) is list:
             (item_type,) = typing.get_args(base)
             items = value if isinstance(value, list) else [v for v in str(value).split(",") if v.strip()]
+            if typing.get_origin(item_type) in (typing.Union, types.UnionType):  # names or mappings
+                return [_reward_entry(v, name, source) for v in items]
             return [_scalar(item_type, v) for v in items]
         return _scalar(base, value)
     except (TypeError, ValueError):
         raise ConfigError(f"{source}: {name} must be {_type_name(base)}, got {value!r}") from None
+
+
+def _reward_entry(value: Any, field_name: str, source: str) -> str | dict[str, Any]:
+    if isinstance(value, dict):
+        if not isinstance(value.get("name"), str) or not value["name"].strip():
+            raise ConfigError(
+                f"{source}: {field_name}: a mapping needs a 'name' (the reward's kind), got {value!r}"
+            )
+        return {str(k): v for k, v in value.items()}
+    if isinstance(value, (list, bool)) or value is None:
+        raise ConfigError(f"{source}: {field_name} must be names or mappings, got {value!r}")
+    return str(value).strip()
 
 
 def _scalar(kind: type, value: Any) -> Any:

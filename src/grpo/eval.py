@@ -57,7 +57,7 @@ def evaluate(
             top_p=top_p,
             greedy=greedy,
         )
-        scores = score_groups(rewards, chunk, rollout.texts)
+        scores = score_groups(rewards, chunk, rollout.texts).values
         all_scores.append(scores)
         solved = (torch.nan_to_num(scores, nan=1.0) >= 1.0).all(dim=1).view(len(chunk), num_samples)
         for i, row in enumerate(chunk):

@@ -32,7 +32,7 @@ from grpo.models import (
     resolve_model,
     save_final_model,
 )
-from grpo.rewards import BUILTIN_REWARDS, Reward, build_rewards
+from grpo.rewards import Reward, build_rewards
 from grpo.tasks import DEFAULT_EVAL_SPLIT, TASKS
 from grpo.trainer import METRICS_FILE, GRPOTrainer
 
@@ -65,13 +65,14 @@ def eval_rows_for(config: GRPOConfig) -> list[Row] | None:
 
 
 def check_reward_columns(rows: list[Row], rewards: list[Reward], where: str) -> None:
-    """The built-in accuracy reward needs an ``answer`` in every row; say which row lacks it."""
-    if any(r.func is BUILTIN_REWARDS["accuracy"] for r in rewards):
-        for number, row in enumerate(rows, start=1):
-            if row.get("answer") is None:
-                raise DataError(
-                    f"{where}: row {number}: missing field 'answer' (the accuracy reward needs it)"
-                )
+    """Every row has the columns the reward functions declare they read; say which row lacks one."""
+    for reward in rewards:
+        for column in reward.required_columns:
+            for number, row in enumerate(rows, start=1):
+                if row.get(column) is None:
+                    raise DataError(
+                        f"{where}: row {number}: missing field {column!r} (the {reward.name} reward needs it)"
+                    )
 
 
 def check_prompts(rows: list[Row], tokenizer: Any, limit: int, where: str, model: str) -> None:

@@ -25,7 +25,7 @@ import torch
 from transformers import get_scheduler
 
 from grpo import fused
-from grpo.advantages import group_advantages, zero_std_group_fraction
+from grpo.advantages import group_advantages, normalize_per_function, zero_std_group_fraction
 from grpo.checkpoint import (
     CHECKPOINT_PREFIX,
     capture_rng,
@@ -53,6 +53,8 @@ class ScoredBatch:
     rewards: torch.Tensor  # (N,) weighted sum
     scores: torch.Tensor  # (N, F) per function, NaN = not applicable
     advantages: torch.Tensor  # (N,)
+    skipped: torch.Tensor  # (N,) bool: completions of groups a reward failure took out of the update
+    failures: dict[str, int]  # per reward function, completions it failed to score
 
 
 class GRPOTrainer:
@@ -109,15 +111,31 @@ class GRPOTrainer:
                 self.rewards,
                 rows,
                 rollout.texts,
+                on_failure=c.reward_failure,
+                timeout=c.reward_timeout or None,
                 completion_ids=[
                     ids[m.bool()].tolist() for ids, m in zip(rollout.completion_ids, rollout.completion_mask)
                 ],
             )
         except RewardError as error:
             raise RewardError(f"step {self.step + 1}: {error}") from None
-        total = weighted_sum(scores, self.rewards)
+        values = scores.values
+        if c.multi_objective_aggregation == "normalize_then_sum":
+            values = normalize_per_function(values, g)
+        total = weighted_sum(values, self.rewards)
         advantages = group_advantages(total, g, c.scale_rewards)
-        return ScoredBatch(rollout, total, scores, advantages)
+        skipped = (
+            scores.skip_rows if scores.skip_rows is not None else torch.zeros(len(total), dtype=torch.bool)
+        )
+        advantages[skipped] = 0.0
+        return ScoredBatch(
+            rollout,
+            weighted_sum(scores.values, self.rewards),
+            scores.values,
+            advantages,
+            skipped,
+            scores.failures,
+        )
 
     def _generate_within_memory(self, prompts: list[str]) -> Rollout:
         """Sample; when memory runs out, halve the completions decoded at once (for the rest of the run)
@@ -175,6 +193,7 @@ class GRPOTrainer:
         loss_mask = rollout.completion_mask.clone()
         if c.mask_truncated_completions:
             loss_mask[rollout.truncated] = 0
+        loss_mask[batch.skipped] = 0
         loss_mask = loss_mask.to(self.device)
         advantages = batch.advantages.to(self.device)
         micro = c.per_device_train_batch_size
@@ -278,10 +297,12 @@ class GRPOTrainer:
             present = column[~column.isnan()]
             m[f"rewards/{reward.name}/mean"] = present.mean().item() if len(present) else math.nan
             m[f"rewards/{reward.name}/std"] = present.std().item() if len(present) > 1 else 0.0
+            m[f"rewards/{reward.name}/failures"] = float(batch.failures.get(reward.name, 0))
         m["advantage/mean"] = batch.advantages.mean().item()
         m["advantage/std"] = batch.advantages.std().item()
         m["advantage/abs_max"] = batch.advantages.abs().max().item()
         m["frac_reward_zero_std"] = zero_std_group_fraction(batch.rewards, self.config.num_generations)
+        m["skipped_groups"] = batch.skipped.sum().item() / self.config.num_generations
         m["completions/mean_length"] = lengths.mean().item()
         m["completions/min_length"] = lengths.min().item()
         m["completions/max_length"] = lengths.max().item()
