@@ -127,3 +127,44 @@ def test_zero_std_group_fraction_extremes():
     assert zero_std_group_fraction(torch.tensor([0.0, 1.0, 2.0, 3.0]), 2) == 0.0
     # every group of one reward is trivially constant.
     assert zero_std_group_fraction(torch.tensor([0.0, 1.0, 2.0]), 1) == 1.0
+
+
+# --- process supervision (DeepSeekMath §4.1.3) ---------------------------------------------------------
+
+
+def test_process_advantages_of_a_hand_built_group():
+    from grpo.advantages import process_advantages
+
+    # Completion A has two steps rewarded 1 and 0; B one step rewarded 1. The group's step rewards are
+    # {1, 0, 1}: mean 2/3, unbiased std sqrt(1/3) = 0.57735, so the normalised rewards are A: +0.57735,
+    # -1.15470; B: +0.57735. A token's advantage sums its step's and the later steps' normalised rewards.
+    token_steps = torch.tensor([[0, 0, 1], [0, -1, -1]])  # B's last two positions are padding
+    advantages = process_advantages([[1.0, 0.0], [1.0]], token_steps, group_size=2)
+    expected = torch.tensor([[-0.57735, -0.57735, -1.15470], [0.57735, 0.0, 0.0]])
+    torch.testing.assert_close(advantages, expected, atol=3e-4, rtol=0)
+
+
+def test_process_advantages_are_zero_for_a_group_of_equal_step_rewards():
+    from grpo.advantages import process_advantages
+
+    advantages = process_advantages([[0.5, 0.5], [0.5]], torch.tensor([[0, 1], [0, -1]]), group_size=2)
+    assert torch.equal(advantages, torch.zeros(2, 2))
+
+
+def test_process_advantages_normalise_each_group_on_its_own():
+    from grpo.advantages import process_advantages
+
+    steps = torch.zeros(4, 1, dtype=torch.long)
+    advantages = process_advantages([[0.0], [1.0], [10.0], [30.0]], steps, group_size=2)
+    torch.testing.assert_close(advantages[:2], advantages[2:], atol=1e-3, rtol=0)  # same ranks, same scale
+
+
+def test_normalize_per_function_z_scores_each_column_within_groups():
+    from grpo.advantages import normalize_per_function
+
+    scores = torch.tensor([[0.0, 100.0], [1.0, 300.0], [5.0, float("nan")], [5.0, 7.0]])
+    z = normalize_per_function(scores, group_size=2)
+    # Group 1: column 0 is {0, 1} -> mean 0.5, std 0.7071; column 1 is {100, 300} -> mean 200, std 141.42.
+    torch.testing.assert_close(z[:2], torch.tensor([[-0.7071, -0.7071], [0.7071, 0.7071]]), atol=1e-3, rtol=0)
+    # Group 2: column 0 equal -> 0; column 1 has one value present -> 0, and NaN stays NaN.
+    assert z[2:, 0].tolist() == [0.0, 0.0] and z[3, 1].item() == 0.0 and z[2, 1].isnan()

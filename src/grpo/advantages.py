@@ -61,3 +61,32 @@ def normalize_per_function(scores: torch.Tensor, group_size: int) -> torch.Tenso
     var = (torch.where(present, grouped - mean, 0.0) ** 2).sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)
     z = (grouped - mean) / (var.sqrt() + STD_EPS)
     return torch.where(present, z, math.nan).view_as(scores)
+
+
+def process_advantages(
+    step_rewards: list[list[float]], token_steps: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """Per-token advantages (N, T) from step-level rewards, as DeepSeekMath's process supervision (§4.1.3).
+
+    ``step_rewards[i]`` holds the rewards of completion i's steps in order; ``token_steps`` (N, T) the step
+    each completion token belongs to (-1 for padding). Within each group of ``group_size`` consecutive
+    completions, every step reward is normalised by the mean and (unbiased) std of all the group's step
+    rewards; a token's advantage is then the sum of the normalised rewards of its own step and of every
+    step after it. A group whose step rewards are all equal carries no signal: its advantages are 0.
+    """
+    if len(step_rewards) != token_steps.shape[0] or len(step_rewards) % group_size:
+        raise ValueError(f"{len(step_rewards)} completions do not divide into groups of {group_size}")
+    advantages = torch.zeros(token_steps.shape, dtype=torch.float32)
+    for first in range(0, len(step_rewards), group_size):
+        rows = range(first, first + group_size)
+        pooled = torch.tensor([r for i in rows for r in step_rewards[i]], dtype=torch.float32)
+        if pooled.numel() == 0 or pooled.max() == pooled.min():
+            continue
+        mean, std = pooled.mean(), pooled.std() if pooled.numel() > 1 else pooled.new_zeros(())
+        for i in rows:
+            normalised = (torch.tensor(step_rewards[i], dtype=torch.float32) - mean) / (std + STD_EPS)
+            from_here_on = normalised.flip(0).cumsum(0).flip(0)  # sum over this step and the later ones
+            steps = token_steps[i]
+            present = steps >= 0
+            advantages[i, present] = from_here_on[steps[present]]
+    return advantages

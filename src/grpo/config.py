@@ -13,6 +13,7 @@ import difflib
 import inspect
 import itertools
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -109,6 +110,14 @@ class GRPOConfig:
     failures are counted per function in the metrics."""
     reward_timeout: float = 0.0
     """Seconds a reward function may take per batch (0 = no limit); past it, it counts as a failure."""
+    supervision: str = "outcome"
+    """"outcome": one reward per completion, one advantage for all its tokens. "process": completions are
+    split into steps, every reward function scores every step, and each token's advantage is the sum of the
+    group-normalised rewards of its step and the steps after it (DeepSeekMath §4.1.3)."""
+    step_delimiter: str = "\n"
+    """Process supervision: a step ends at each occurrence of this text."""
+    step_regex: str | None = None
+    """Process supervision: a step ends at each match of this regular expression (not at step_delimiter)."""
 
     # --- GRPO --------------------------------------------------------------------------------------------
     num_iterations: int = 1
@@ -248,10 +257,18 @@ class GRPOConfig:
             "dtype": ("auto", "float32", "bfloat16", "float16"),
             "multi_objective_aggregation": ("sum_then_normalize", "normalize_then_sum"),
             "reward_failure": ("stop", "zero", "skip_group"),
+            "supervision": ("outcome", "process"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if not self.step_delimiter:
+            raise ConfigError("step_delimiter must not be empty")
+        if self.step_regex is not None:
+            try:
+                re.compile(self.step_regex)
+            except re.error as error:
+                raise ConfigError(f"step_regex is not a valid regular expression ({error})") from None
         if not self.reward_funcs:
             raise ConfigError("reward_funcs must name at least one reward function")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
@@ -343,7 +360,7 @@ def _scalar(kind: type, value: Any) -> Any:
     if kind is str:
         if isinstance(value, (dict, list)):
             raise ValueError(value)
-        return str(value).strip()
+        return str(value)  # as given: whitespace can matter (step_delimiter)
     raise TypeError(kind)
 
 

@@ -35,7 +35,8 @@ def policy_loss(
     """Clipped surrogate plus β·KL, reduced as ``loss_type`` says. Returns ``(loss, metrics)``.
 
     Shapes: ``logps``, ``old_logps``, ``ref_logps`` and ``mask`` are (B, T), the log-probs of the sampled
-    completion tokens and a 0/1 mask of real completion tokens; ``advantages`` is (B,).
+    completion tokens and a 0/1 mask of real completion tokens; ``advantages`` is (B,), one per completion,
+    or (B, T), one per token (process supervision).
     Per token: −min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A) + β·k3(πθ, πref), with ρ = exp(logp − old_logp).
 
     ``loss_type``: "grpo" averages each sequence over its own length, then over sequences;
@@ -70,7 +71,7 @@ def policy_loss(
         )
     ratio = torch.exp(log_ratio)
     clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-    adv = advantages.unsqueeze(1)
+    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages  # (B,) or per token (B, T)
     per_token = -torch.min(ratio * adv, clipped_ratio * adv)
     if importance_sampling_level == "sequence":
         per_token = per_token.expand_as(logps)

@@ -25,7 +25,12 @@ import torch
 from transformers import get_scheduler
 
 from grpo import fused
-from grpo.advantages import group_advantages, normalize_per_function, zero_std_group_fraction
+from grpo.advantages import (
+    group_advantages,
+    normalize_per_function,
+    process_advantages,
+    zero_std_group_fraction,
+)
 from grpo.checkpoint import (
     CHECKPOINT_PREFIX,
     capture_rng,
@@ -42,6 +47,7 @@ from grpo.files import write_text_atomic
 from grpo.losses import policy_loss
 from grpo.models import PolicyAndReference, trainable_parameters
 from grpo.rewards import Reward, score_groups, weighted_sum
+from grpo.rewards.process import score_steps, split_steps, token_steps
 from grpo.rollout import Rollout, completion_logps, generate
 
 
@@ -52,7 +58,7 @@ class ScoredBatch:
     rollout: Rollout
     rewards: torch.Tensor  # (N,) weighted sum
     scores: torch.Tensor  # (N, F) per function, NaN = not applicable
-    advantages: torch.Tensor  # (N,)
+    advantages: torch.Tensor  # (N,), or (N, T) per token under process supervision
     skipped: torch.Tensor  # (N,) bool: completions of groups a reward failure took out of the update
     failures: dict[str, int]  # per reward function, completions it failed to score
 
@@ -106,36 +112,61 @@ class GRPOTrainer:
         prompts = [render_prompt(row["prompt"], self.tokenizer) for row in rows]
         rollout = self._generate_within_memory(prompts)
         g = c.num_generations
+        completion_ids = [
+            ids[m.bool()].tolist() for ids, m in zip(rollout.completion_ids, rollout.completion_mask)
+        ]
         try:
+            if c.supervision == "process":
+                return self._score_steps(rows, rollout)
             scores = score_groups(
                 self.rewards,
                 rows,
                 rollout.texts,
                 on_failure=c.reward_failure,
                 timeout=c.reward_timeout or None,
-                completion_ids=[
-                    ids[m.bool()].tolist() for ids, m in zip(rollout.completion_ids, rollout.completion_mask)
-                ],
+                completion_ids=completion_ids,
             )
         except RewardError as error:
             raise RewardError(f"step {self.step + 1}: {error}") from None
         values = scores.values
         if c.multi_objective_aggregation == "normalize_then_sum":
             values = normalize_per_function(values, g)
-        total = weighted_sum(values, self.rewards)
-        advantages = group_advantages(total, g, c.scale_rewards)
+        advantages = group_advantages(weighted_sum(values, self.rewards), g, c.scale_rewards)
         skipped = (
-            scores.skip_rows if scores.skip_rows is not None else torch.zeros(len(total), dtype=torch.bool)
+            scores.skip_rows
+            if scores.skip_rows is not None
+            else torch.zeros(len(advantages), dtype=torch.bool)
         )
         advantages[skipped] = 0.0
-        return ScoredBatch(
-            rollout,
-            weighted_sum(scores.values, self.rewards),
-            scores.values,
-            advantages,
-            skipped,
-            scores.failures,
+        total = weighted_sum(scores.values, self.rewards)
+        return ScoredBatch(rollout, total, scores.values, advantages, skipped, scores.failures)
+
+    def _score_steps(self, rows: list[Row], rollout: Rollout) -> ScoredBatch:
+        """Process supervision: step rewards, and from them per-token advantages (N, T)."""
+        c = self.config
+        spans = [split_steps(text, c.step_delimiter, c.step_regex) for text in rollout.texts]
+        scored = score_steps(
+            self.rewards,
+            rows,
+            rollout.texts,
+            spans,
+            on_failure=c.reward_failure,
+            timeout=c.reward_timeout or None,
         )
+        steps = torch.stack(
+            [
+                token_steps(self.tokenizer, ids, mask, spans_i)
+                for ids, mask, spans_i in zip(rollout.completion_ids, rollout.completion_mask, spans)
+            ]
+        )
+        advantages = process_advantages(scored.step_rewards, steps, c.num_generations)
+        skipped = (
+            scored.skip_rows if scored.skip_rows is not None else torch.zeros(len(spans), dtype=torch.bool)
+        )
+        advantages[skipped] = 0.0
+        # The logged reward of a completion is the mean of its steps' rewards.
+        total = torch.tensor([sum(r) / len(r) for r in scored.step_rewards])
+        return ScoredBatch(rollout, total, scored.per_function, advantages, skipped, scored.failures)
 
     def _generate_within_memory(self, prompts: list[str]) -> Rollout:
         """Sample; when memory runs out, halve the completions decoded at once (for the rest of the run)
@@ -298,9 +329,11 @@ class GRPOTrainer:
             m[f"rewards/{reward.name}/mean"] = present.mean().item() if len(present) else math.nan
             m[f"rewards/{reward.name}/std"] = present.std().item() if len(present) > 1 else 0.0
             m[f"rewards/{reward.name}/failures"] = float(batch.failures.get(reward.name, 0))
-        m["advantage/mean"] = batch.advantages.mean().item()
-        m["advantage/std"] = batch.advantages.std().item()
-        m["advantage/abs_max"] = batch.advantages.abs().max().item()
+        per_token = batch.advantages.dim() == 2
+        advantages = batch.advantages[rollout.completion_mask.bool()] if per_token else batch.advantages
+        m["advantage/mean"] = advantages.mean().item()
+        m["advantage/std"] = advantages.std().item() if advantages.numel() > 1 else 0.0
+        m["advantage/abs_max"] = advantages.abs().max().item() if advantages.numel() else 0.0
         m["frac_reward_zero_std"] = zero_std_group_fraction(batch.rewards, self.config.num_generations)
         m["skipped_groups"] = batch.skipped.sum().item() / self.config.num_generations
         m["completions/mean_length"] = lengths.mean().item()

@@ -185,6 +185,7 @@ class Scores:
 
     values: torch.Tensor
     failures: dict[str, int] = field(default_factory=dict)
+    failed_rows: torch.Tensor | None = None  # (N,) bool: completions some function failed to score
     skip_rows: torch.Tensor | None = None  # (N,) bool: rows whose group the "skip_group" policy drops
 
 
@@ -264,11 +265,13 @@ def score(
                 checked = [0.0 if i in set(bad) else v for i, v in enumerate(checked)]
         columns_out.append(checked)
     values = torch.tensor(columns_out, dtype=torch.float32).T.reshape(n, len(rewards))
-    skip_rows = None
-    if on_failure == "skip_group" and failed_rows.any():
-        groups = failed_rows.view(-1, group_size).any(dim=1)
-        skip_rows = groups.repeat_interleave(group_size)
-    return Scores(values, failures, skip_rows)
+    skip_rows = groups_of(failed_rows, group_size) if on_failure == "skip_group" else None
+    return Scores(values, failures, failed_rows, skip_rows)
+
+
+def groups_of(rows: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N,) bool: every row of a group in which any row of ``rows`` (N,) is set."""
+    return rows.view(-1, group_size).any(dim=1).repeat_interleave(group_size)
 
 
 def score_groups(rewards: Sequence[Reward], rows: Sequence[Row], texts: list[str], **options: Any) -> Scores:
