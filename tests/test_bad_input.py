@@ -386,8 +386,8 @@ CASES = [
         "rewards",
         "an unknown reward name",
         flags("--reward-funcs", "acuracy"),
-        "unknown reward function 'acuracy': use a built-in (accuracy, format), 'module:function' or "
-        "'path/to/file.py:function'",
+        "unknown reward function 'acuracy': use a built-in (accuracy, format, language_consistency, "
+        "overlong, code, reward_model, judge), 'module:function' or 'path/to/file.py:function'",
     ),
     Case(
         "rewards",

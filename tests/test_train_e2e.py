@@ -192,3 +192,29 @@ def test_unknown_setting_in_a_config_file_suggests_the_right_name(tmp_path):
     result = CliRunner().invoke(app, ["train", "--config", str(config)])
     assert result.exit_code == 2
     assert "unknown setting 'learning_rat'; did you mean 'learning_rate'?" in result.stderr
+
+
+def test_eval_takes_the_rewards_of_a_config_file_kinds_with_options_included(
+    tiny_model, tiny_dataset, tmp_path
+):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "reward_funcs:\n  - {name: format, partial_credit: true, tags: [answer]}\n  - accuracy\n"
+    )
+    args = [
+        "eval",
+        "--model",
+        str(tiny_model),
+        "--dataset",
+        str(tiny_dataset),
+        "--config",
+        str(config),
+        "--max-samples",
+        "2",
+        "--max-completion-length",
+        "4",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert {"reward/format", "reward/accuracy"} <= set(summary)

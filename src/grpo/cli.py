@@ -105,7 +105,18 @@ def evaluate_command(
         str, typer.Option(help="A built-in task, a dataset file, or a `datasets` name.")
     ] = "arithmetic",
     split: Annotated[str, typer.Option(help="The split of a built-in task or `datasets` dataset.")] = "test",
-    reward_funcs: Annotated[str, typer.Option(help="Comma-separated reward functions.")] = "accuracy,format",
+    reward_funcs: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated reward functions (default: the --config file's, else accuracy,format)."
+        ),
+    ] = None,
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", help="A run's YAML config: its reward_funcs (kinds with options too) and weights."
+        ),
+    ] = None,
     num_samples: Annotated[int, typer.Option(help="1 = greedy; k > 1 = k samples per row, with pass@k.")] = 1,
     temperature: Annotated[float, typer.Option(help="Sampling temperature when num_samples > 1.")] = 1.0,
     max_completion_length: Annotated[int, typer.Option(help="Longest completion, in tokens.")] = 32,
@@ -120,11 +131,19 @@ def evaluate_command(
 
     if num_samples < 1:
         raise GRPOError(f"num_samples must be at least 1, got {num_samples}")
+    rewards: list[Any] = ["accuracy", "format"]
+    weights = None
+    if config_file is not None:
+        config = load_config(config_file)
+        rewards, weights = config.reward_funcs, config.reward_weights
+    if reward_funcs is not None:
+        rewards, weights = reward_funcs.split(","), None
     summary = run_eval(
         model,
         dataset,
         split,
-        reward_funcs.split(","),
+        rewards,
+        reward_weights=weights,
         num_samples=num_samples,
         temperature=temperature,
         max_completion_length=max_completion_length,

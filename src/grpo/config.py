@@ -447,5 +447,15 @@ def resumed_settings(resume_from: str, given: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
+# Reward options that hold secrets: never written into a run's files (give them through the environment).
+SECRET_OPTIONS = ("api_key",)
+
+
 def to_dict(config: GRPOConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    """The config as plain data for a run's files, without secrets (see SECRET_OPTIONS)."""
+    data = dataclasses.asdict(config)
+    data["reward_funcs"] = [
+        {k: v for k, v in entry.items() if k not in SECRET_OPTIONS} if isinstance(entry, dict) else entry
+        for entry in data["reward_funcs"]
+    ]
+    return data

@@ -32,7 +32,7 @@ from grpo.models import (
     resolve_model,
     save_final_model,
 )
-from grpo.rewards import Reward, build_rewards
+from grpo.rewards import Reward, RewardSpec, build_rewards
 from grpo.tasks import DEFAULT_EVAL_SPLIT, TASKS
 from grpo.trainer import METRICS_FILE, GRPOTrainer
 
@@ -286,8 +286,9 @@ def run_eval(
     model: str,
     dataset: str,
     split: str,
-    reward_funcs: list[str],
+    reward_funcs: list[RewardSpec],
     *,
+    reward_weights: list[float] | None = None,
     num_samples: int,
     temperature: float,
     max_completion_length: int,
@@ -297,7 +298,7 @@ def run_eval(
 ) -> dict[str, Any]:
     rows = load_rows(dataset, split)
     rows = rows[:max_samples] if max_samples else rows
-    rewards = build_rewards(reward_funcs)
+    rewards = build_rewards(reward_funcs, reward_weights)
     check_reward_columns(rows, rewards, dataset)
     seed_everything(seed)
     policy, tokenizer = load_for_eval(model)

@@ -48,6 +48,11 @@ TIMEOUTS = (TimeoutError, concurrent.futures.TimeoutError, asyncio.TimeoutError)
 BUILTIN_KINDS: dict[str, str] = {
     "accuracy": "grpo.rewards.rules:make_accuracy",
     "format": "grpo.rewards.rules:make_format",
+    "language_consistency": "grpo.rewards.rules:make_language_consistency",
+    "overlong": "grpo.rewards.rules:make_overlong_penalty",
+    "code": "grpo.rewards.code:make_code_reward",
+    "reward_model": "grpo.rewards.model:make_reward_model",
+    "judge": "grpo.rewards.judge:make_judge",
 }
 
 
