@@ -229,3 +229,18 @@ def test_selective_log_softmax_reusing_the_logits_gives_the_same_gradient():
     logps.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         logps.sum().backward()
+
+
+def test_entropy_from_the_selective_log_softmax_matches_the_full_distribution():
+    from grpo.rollout import selective_log_softmax_and_entropy
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 300, 50, dtype=torch.float64, requires_grad=True)  # several chunks
+    tokens = torch.randint(0, 50, (2, 300))
+    logps, entropy = selective_log_softmax_and_entropy(logits, tokens)
+    full = torch.log_softmax(logits.detach(), dim=-1)
+    torch.testing.assert_close(entropy, -(full.exp() * full).sum(-1))
+    torch.testing.assert_close(logps.detach(), full.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
+    assert not entropy.requires_grad
+    logps.sum().backward()  # the entropy output does not get in the way of the gradient
+    assert logits.grad is not None

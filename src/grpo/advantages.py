@@ -90,3 +90,21 @@ def process_advantages(
             present = steps >= 0
             advantages[i, present] = from_here_on[steps[present]]
     return advantages
+
+
+def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO: each reward minus the mean of the *other* rewards of its group, G/(G−1) × (r − group mean);
+    an unbiased baseline that does not include the completion's own reward."""
+    if group_size < 2 or rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not divide into groups of {group_size} (at least 2)")
+    grouped = rewards.view(-1, group_size)
+    others = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
+    return (grouped - others).view(-1)
+
+
+def softmax_group_weights(rewards: torch.Tensor, group_size: int, temperature: float) -> torch.Tensor:
+    """Weights softmax(r / τ) within each group (they sum to 1 per group): the softmax-weighted group
+    log-likelihood pulls the policy towards each group's best completions, more sharply as τ → 0."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    return torch.softmax(rewards.view(-1, group_size) / temperature, dim=1).view(-1)

@@ -23,7 +23,7 @@ from torch import nn
 
 from grpo.errors import CheckpointError
 from grpo.files import write_directory_atomic
-from grpo.models import PICKLE_SUFFIXES
+from grpo.models import PICKLE_SUFFIXES, REFERENCE_ADAPTER, PolicyAndReference
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"
@@ -115,11 +115,15 @@ def save_checkpoint(
     scheduler: Any,
     trainer_state: dict[str, Any],
     rng_state: dict[str, Any] | None = None,
+    extra_models: dict[str, nn.Module] | None = None,
 ) -> Path:
-    """Write a checkpoint atomically. ``rng_state`` defaults to the generators' state now."""
+    """Write a checkpoint atomically. ``rng_state`` defaults to the generators' state now; ``extra_models``
+    (e.g. a reference model that has become a copy of the policy) go into subdirectories by name."""
 
     def fill(staging: Path) -> None:
         model.save_pretrained(staging, safe_serialization=True)
+        for name, extra in (extra_models or {}).items():
+            extra.save_pretrained(staging / name, safe_serialization=True)
         tensors, meta = optimizer_to_safetensors(optimizer)
         save_file(tensors, staging / "optimizer.safetensors")
         _write_json(staging / "optimizer.json", meta)
@@ -188,6 +192,23 @@ def load_weights(directory: Path, model: nn.Module) -> None:
     if untied_missing:
         raise CheckpointError(f"{directory}: missing weights ({', '.join(sorted(untied_missing)[:3])})")
     model.load_state_dict(state, strict=False)
+
+
+def load_reference(directory: Path, models: PolicyAndReference) -> None:
+    """Restore a reference model that a run had made a copy of its policy (see ``sync_reference``)."""
+    saved = directory / REFERENCE_ADAPTER
+    models.sync_reference()  # builds the reference adapter under LoRA; overwritten below either way
+    if models.uses_adapters:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(
+            models.policy, _load_tensors(saved / ADAPTER_WEIGHTS), adapter_name=REFERENCE_ADAPTER
+        )
+        for name, parameter in models.policy.named_parameters():
+            if f".{REFERENCE_ADAPTER}." in name:
+                parameter.requires_grad_(False)
+    else:
+        load_weights(saved, models.reference_model)
 
 
 def load_training_state(

@@ -119,6 +119,25 @@ class GRPOConfig:
     step_regex: str | None = None
     """Process supervision: a step ends at each match of this regular expression (not at step_delimiter)."""
 
+    # --- algorithm -------------------------------------------------------------------------------------
+    algorithm: str = "grpo"
+    """"grpo": group-relative advantages, clipped surrogate, β·KL. The baselines GRPO is compared with, on
+    the same sampling and rewards: "rloo" (leave-one-out baseline, clipped surrogate), "reinforce" (reward
+    minus the group's mean, no clipping), "softmax_weighted" (−Σ softmax(r/τ)·log π(completion), + β·KL)."""
+    softmax_temperature: float = 1.0
+    """τ of algorithm "softmax_weighted": lower puts more of each group's weight on its best completions."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: drop groups whose rewards are all equal and sample more prompts until the
+    step has a full batch of groups that carry a signal (at most max_sampling_rounds batches)."""
+    max_sampling_rounds: int = 4
+    """Dynamic sampling: batches sampled per step at most."""
+    ref_model_sync_steps: int = 0
+    """Iterative RL (DeepSeekMath): every this many steps the reference model becomes the current policy, so
+    that the KL term holds the policy near where it is rather than where it started (0 = never)."""
+    top_entropy_quantile: float = 1.0
+    """Train only on the completion tokens whose entropy is in this top quantile of each micro-batch (1.0 =
+    all tokens; 0.2 keeps the 20% most uncertain "forking" tokens)."""
+
     # --- GRPO --------------------------------------------------------------------------------------------
     num_iterations: int = 1
     """μ: optimizer passes over each sampled batch. With μ > 1 the sampling policy's log-probs are kept."""
@@ -207,6 +226,7 @@ class GRPOConfig:
             "logging_steps",
             "max_prompt_length",
             "max_nonfinite_updates",
+            "max_sampling_rounds",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -223,6 +243,7 @@ class GRPOConfig:
             "top_k",
             "num_threads",
             "reward_timeout",
+            "ref_model_sync_steps",
             "save_total_limit",
         )
         for name in non_negative:
@@ -258,10 +279,20 @@ class GRPOConfig:
             "multi_objective_aggregation": ("sum_then_normalize", "normalize_then_sum"),
             "reward_failure": ("stop", "zero", "skip_group"),
             "supervision": ("outcome", "process"),
+            "algorithm": ("grpo", "rloo", "reinforce", "softmax_weighted"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.softmax_temperature <= 0:
+            raise ConfigError(f"softmax_temperature must be positive, got {self.softmax_temperature}")
+        if not 0 < self.top_entropy_quantile <= 1:
+            raise ConfigError(f"top_entropy_quantile must be in (0, 1], got {self.top_entropy_quantile}")
+        if self.supervision == "process" and self.algorithm not in ("grpo", "reinforce"):
+            raise ConfigError(
+                f"supervision 'process' gives per-token advantages, which algorithm {self.algorithm!r} "
+                "does not use; use grpo or reinforce"
+            )
         if not self.step_delimiter:
             raise ConfigError("step_delimiter must not be empty")
         if self.step_regex is not None:

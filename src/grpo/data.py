@@ -174,8 +174,18 @@ class PromptSampler:
             random.Random(self.seed * 100_003 + epoch).shuffle(indices)
         return indices
 
-    def batch(self, step: int) -> list[Row]:
-        """The rows of training step ``step`` (0-based); epochs wrap around, batches never straddle them."""
+    def batch(self, step: int, draw: int = 0) -> list[Row]:
+        """The rows of training step ``step`` (0-based); epochs wrap around, batches never straddle them.
+
+        ``draw`` > 0 gives further prompts for the same step (dynamic sampling asks for more when groups
+        carry no signal): rows drawn at random, but determined by (seed, step, draw), so a resumed run
+        draws the same ones.
+        """
+        if draw > 0:
+            chooser = random.Random(f"{self.seed}/{step}/{draw}")
+            picks = chooser.sample(range(len(self.rows)), min(self.batch_size, len(self.rows)))
+            picks += [chooser.randrange(len(self.rows)) for _ in range(self.batch_size - len(picks))]
+            return [self.rows[i] for i in picks]
         per_epoch = max(1, len(self.rows) // self.batch_size)
         epoch, position = divmod(step, per_epoch)
         order = self.order(epoch)

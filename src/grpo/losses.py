@@ -116,3 +116,37 @@ def _clip_metrics(
         "ratio/min": ratios.min().item(),
         "ratio/max": ratios.max().item(),
     }
+
+
+def softmax_weighted_loss(
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor | None,
+    weights: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    num_groups: int,
+    beta: float = 0.0,
+    num_tokens: int | float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Softmax-weighted group log-likelihood: −(1/num_groups) Σ_i w_i log πθ(completion_i | prompt), with
+    the weights w = softmax(r/τ) of each group (:func:`grpo.advantages.softmax_group_weights`), plus β·KL
+    (k3, averaged over ``num_tokens`` completion tokens, default this micro-batch's).
+
+    The sum decomposes over completions, so micro-batches that split a group add up to the whole-batch
+    loss as long as ``num_groups`` and ``num_tokens`` count the whole batch.
+    """
+    present = mask.bool()
+    mask = mask.to(logps.dtype)
+    sequence_logps = (torch.where(present, logps, 0.0) * mask).sum(dim=1)
+    loss = -(weights * sequence_logps).sum() / num_groups
+    metrics = {"sequence_logp/mean": sequence_logps.detach().mean().item()}
+    if beta != 0:
+        if ref_logps is None:
+            raise ValueError("ref_logps is required when beta != 0")
+        kl = k3_kl(torch.where(present, logps, 0.0), torch.where(present, ref_logps, 0.0))
+        tokens = mask.sum() if num_tokens is None else num_tokens
+        loss = loss + beta * (kl * mask).sum() / torch.as_tensor(tokens, dtype=logps.dtype).clamp(min=1.0)
+        metrics["kl"] = ((kl.detach() * mask).sum() / mask.sum().clamp(min=1.0)).item()
+    else:
+        metrics["kl"] = 0.0
+    return loss, metrics

@@ -162,12 +162,19 @@ def wrap_lora(model: nn.Module, config: GRPOConfig) -> nn.Module:
     return get_peft_model(model, lora)
 
 
+REFERENCE_ADAPTER = "reference"
+
+
 class PolicyAndReference:
     """The trainable policy and a way to run the frozen reference model.
 
     Under LoRA the reference is the policy with its adapters switched off, so there is one copy of the base
     weights in memory. Under full fine-tuning it is a frozen copy made before training. With beta = 0 there
     is no reference at all.
+
+    :meth:`sync_reference` makes the reference the current policy (DeepSeekMath's iterative RL): under full
+    fine-tuning by copying the weights into the frozen copy; under LoRA by copying the adapters into a
+    second, frozen adapter that the reference then runs with (the base weights stay shared).
     """
 
     def __init__(
@@ -178,15 +185,49 @@ class PolicyAndReference:
         self.uses_adapters = uses_adapters
         self.needs_reference = needs_reference
 
+    @property
+    def has_reference_adapter(self) -> bool:
+        return self.uses_adapters and REFERENCE_ADAPTER in self.policy.peft_config
+
     @contextlib.contextmanager
     def reference(self) -> Iterator[nn.Module]:
         if not self.needs_reference:
             raise RuntimeError("this run has no reference model (beta = 0)")
-        if self.uses_adapters:
+        if self.has_reference_adapter:
+            trained = self.policy.active_adapter
+            self.policy.set_adapter(REFERENCE_ADAPTER)
+            try:
+                yield self.policy
+            finally:
+                self.policy.set_adapter(trained)  # which also makes only the trained adapter trainable again
+        elif self.uses_adapters:
             with self.policy.disable_adapter():
                 yield self.policy
         else:
             yield self._reference
+
+    @property
+    def reference_model(self) -> nn.Module | None:
+        """The frozen copy under full fine-tuning (None under LoRA or without a reference)."""
+        return self._reference
+
+    @torch.no_grad()
+    def sync_reference(self) -> None:
+        """From now on the reference is the policy as it is now."""
+        if not self.needs_reference:
+            return
+        if not self.uses_adapters:
+            self._reference.load_state_dict(self.policy.state_dict())
+            return
+        trained = self.policy.active_adapter
+        if not self.has_reference_adapter:
+            self.policy.add_adapter(REFERENCE_ADAPTER, self.policy.peft_config[trained])
+        for name, parameter in self.policy.named_parameters():
+            if f".{REFERENCE_ADAPTER}." in name:
+                parameter.copy_(
+                    self.policy.get_parameter(name.replace(f".{REFERENCE_ADAPTER}.", f".{trained}."))
+                )
+                parameter.requires_grad_(False)
 
 
 def load_policy(config: GRPOConfig, path: str | None = None) -> tuple[PolicyAndReference, Any]:

@@ -27,11 +27,56 @@ class Rollout:
     texts: list[str]  # decoded completions, special tokens removed
     num_generations: int
     sampling_logps: torch.Tensor  # (N, C): log-probs of the tokens under the (temperature-scaled) sampler
+    pad_id: int = 0  # fills completion_ids past each completion's end
 
     @property
     def prompt_index(self) -> torch.Tensor:
         """(N,) the prompt row of each completion."""
         return torch.arange(len(self.completion_ids)) // self.num_generations
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.prompt_ids)
+
+    def select_groups(self, groups: list[int]) -> Rollout:
+        """The rollout of the given groups (prompts), in that order."""
+        rows = [g * self.num_generations + i for g in groups for i in range(self.num_generations)]
+        return Rollout(
+            self.prompt_ids[groups],
+            self.prompt_mask[groups],
+            self.completion_ids[rows],
+            self.completion_mask[rows],
+            self.truncated[rows],
+            [self.texts[r] for r in rows],
+            self.num_generations,
+            self.sampling_logps[rows],
+            self.pad_id,
+        )
+
+    @staticmethod
+    def join(parts: list[Rollout]) -> Rollout:
+        """One rollout of several, prompts left-padded and completions right-padded to common widths."""
+        prompt_width = max(p.prompt_ids.shape[1] for p in parts)
+        width = max(p.completion_ids.shape[1] for p in parts)
+
+        def left(t: torch.Tensor, value: int) -> torch.Tensor:
+            return nn.functional.pad(t, (prompt_width - t.shape[1], 0), value=value)
+
+        def right(t: torch.Tensor, value: float) -> torch.Tensor:
+            return nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+        first = parts[0]
+        return Rollout(
+            torch.cat([left(p.prompt_ids, first.pad_id) for p in parts]),
+            torch.cat([left(p.prompt_mask, 0) for p in parts]),
+            torch.cat([right(p.completion_ids, first.pad_id) for p in parts]),
+            torch.cat([right(p.completion_mask, 0) for p in parts]),
+            torch.cat([p.truncated for p in parts]),
+            [text for p in parts for text in p.texts],
+            first.num_generations,
+            torch.cat([right(p.sampling_logps, 0.0) for p in parts]),
+            first.pad_id,
+        )
 
 
 def stop_token_ids(model: nn.Module, tokenizer: Any) -> list[int]:
@@ -126,6 +171,7 @@ def generate(
         texts,
         num_generations,
         sampling_logps,
+        tokenizer.pad_token_id,
     )
 
 
@@ -348,28 +394,39 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
     ROWS_PER_CHUNK = 256
 
     @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, tokens: torch.Tensor, reuse_logits: bool) -> torch.Tensor:
+    def forward(
+        ctx: Any, logits: torch.Tensor, tokens: torch.Tensor, reuse_logits: bool, with_entropy: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.reuse_logits = reuse_logits
         flat = logits.reshape(-1, logits.shape[-1])
         lse = flat.new_empty(len(flat))
+        # The entropy, −Σ p log p = logsumexp − Σ p·x, comes from the same pass (empty when not asked for).
+        entropy = flat.new_empty(len(flat) if with_entropy else 0)
         buffer = flat.new_empty((min(len(flat), _SelectiveLogSoftmax.ROWS_PER_CHUNK), flat.shape[-1]))
         for start in range(0, len(flat), _SelectiveLogSoftmax.ROWS_PER_CHUNK):
-            chunk = flat[start : start + _SelectiveLogSoftmax.ROWS_PER_CHUNK]
+            rows = slice(start, start + _SelectiveLogSoftmax.ROWS_PER_CHUNK)
+            chunk = flat[rows]
             peak = chunk.amax(dim=-1, keepdim=True)
             shifted = torch.sub(chunk, peak, out=buffer[: len(chunk)]).exp_()
-            lse[start : start + len(chunk)] = shifted.sum(dim=-1).log_().add_(peak.squeeze(-1))
+            total = shifted.sum(dim=-1)
+            lse[rows] = total.log().add_(peak.squeeze(-1))
+            if with_entropy:
+                entropy[rows] = lse[rows] - torch.linalg.vecdot(shifted, chunk) / total
         lse = lse.view(tokens.shape)
         ctx.save_for_backward(logits, tokens, lse)
-        return logits.gather(dim=-1, index=tokens.unsqueeze(-1)).squeeze(-1) - lse
+        entropy = entropy.view(tokens.shape) if with_entropy else entropy
+        ctx.mark_non_differentiable(entropy)
+        logps = logits.gather(dim=-1, index=tokens.unsqueeze(-1)).squeeze(-1) - lse
+        return logps, entropy
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def backward(ctx: Any, grad: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         logits, tokens, lse = ctx.saved_tensors
         shifted = logits.sub_(lse.unsqueeze(-1)) if ctx.reuse_logits else logits - lse.unsqueeze(-1)
         grad_logits = shifted.exp_()  # softmax
         grad_logits.mul_(-grad.unsqueeze(-1))
         grad_logits.scatter_add_(-1, tokens.unsqueeze(-1), grad.unsqueeze(-1))
-        return grad_logits, None, None
+        return grad_logits, None, None, None
 
 
 def selective_log_softmax(
@@ -380,7 +437,14 @@ def selective_log_softmax(
     ``reuse_logits`` lets the backward overwrite ``logits`` with its gradient: only for a tensor that
     nothing else reads afterwards.
     """
-    return _SelectiveLogSoftmax.apply(logits, tokens, reuse_logits)
+    return _SelectiveLogSoftmax.apply(logits, tokens, reuse_logits, False)[0]
+
+
+def selective_log_softmax_and_entropy(
+    logits: torch.Tensor, tokens: torch.Tensor, reuse_logits: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As :func:`selective_log_softmax`, and the entropy of each row's distribution (no gradient)."""
+    return _SelectiveLogSoftmax.apply(logits, tokens, reuse_logits, True)
 
 
 class PromptPrefixLayer(DynamicLayer):
@@ -424,8 +488,10 @@ def completion_logps(
     completion_ids: torch.Tensor,
     completion_mask: torch.Tensor,
     temperature: float = 1.0,
-) -> torch.Tensor:
-    """Per-token log-probs (B, C) of completions, computing each distinct prompt once.
+    with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs (B, C) of completions, computing each distinct prompt once (with
+    ``with_entropy``, also the entropy (B, C) of the distribution each token was drawn from, no gradient).
 
     Completion b continues prompt ``prompt_index[b]``. The prompts this batch uses are run once, their
     key/value cache is gathered to one row per completion (a differentiable index, so gradients reach the
@@ -459,7 +525,9 @@ def completion_logps(
     completion_positions = positions[local_index, -1:] + 1 + torch.arange(width, device=positions.device)
     # The first completion token is predicted by the prompt's last position; the last completion token
     # predicts nothing we need, so it is not fed in. Log-probs are joined, not the (much larger) logits.
-    logps = [token_logps(out.logits[local_index, -1:], completion_ids[:, :1], temperature, True)]
+    pieces = [
+        token_logps(out.logits[local_index, -1:], completion_ids[:, :1], temperature, True, with_entropy)
+    ]
     if width > 1:
         with checkpointing_flags(model, _can_checkpoint_with_cache=True):
             rest = model(
@@ -469,20 +537,29 @@ def completion_logps(
                 past_key_values=prefix,  # read whatever use_cache says
                 use_cache=False,
             ).logits
-        logps.append(token_logps(rest, completion_ids[:, 1:], temperature, reuse_logits=True))
-    return torch.cat(logps, dim=1)
+        pieces.append(token_logps(rest, completion_ids[:, 1:], temperature, True, with_entropy))
+    if with_entropy:
+        return torch.cat([p[0] for p in pieces], dim=1), torch.cat([p[1] for p in pieces], dim=1)
+    return torch.cat(pieces, dim=1)
 
 
 def token_logps(
-    logits: torch.Tensor, tokens: torch.Tensor, temperature: float, reuse_logits: bool = False
-) -> torch.Tensor:
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float,
+    reuse_logits: bool = False,
+    with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of ``tokens`` under softmax(logits / temperature), in float32 (``reuse_logits``: see
-    :func:`selective_log_softmax`)."""
+    :func:`selective_log_softmax`); with ``with_entropy``, also each position's entropy."""
     scaled = logits.float()
     if temperature != 1.0:
         scaled = scaled / temperature
     # A tensor made here (by the cast or the division) is ours to reuse, whatever the caller said.
-    return selective_log_softmax(scaled, tokens, reuse_logits=reuse_logits or scaled is not logits)
+    reuse = reuse_logits or scaled is not logits
+    if with_entropy:
+        return selective_log_softmax_and_entropy(scaled, tokens, reuse_logits=reuse)
+    return selective_log_softmax(scaled, tokens, reuse_logits=reuse)
 
 
 def completion_logps_unshared(

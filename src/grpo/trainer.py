@@ -22,18 +22,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import get_scheduler
 
 from grpo import fused
 from grpo.advantages import (
     group_advantages,
+    leave_one_out_advantages,
     normalize_per_function,
     process_advantages,
+    softmax_group_weights,
     zero_std_group_fraction,
 )
 from grpo.checkpoint import (
     CHECKPOINT_PREFIX,
     capture_rng,
+    load_reference,
     load_training_state,
     load_weights,
     prune_checkpoints,
@@ -44,8 +48,8 @@ from grpo.config import GRPOConfig, to_dict
 from grpo.data import PromptSampler, Row, render_prompt
 from grpo.errors import RewardError, RunFailed, RunInterrupted
 from grpo.files import write_text_atomic
-from grpo.losses import policy_loss
-from grpo.models import PolicyAndReference, trainable_parameters
+from grpo.losses import policy_loss, softmax_weighted_loss
+from grpo.models import REFERENCE_ADAPTER, PolicyAndReference, trainable_parameters
 from grpo.rewards import Reward, score_groups, weighted_sum
 from grpo.rewards.process import score_steps, split_steps, token_steps
 from grpo.rollout import Rollout, completion_logps, generate
@@ -61,6 +65,51 @@ class ScoredBatch:
     advantages: torch.Tensor  # (N,), or (N, T) per token under process supervision
     skipped: torch.Tensor  # (N,) bool: completions of groups a reward failure took out of the update
     failures: dict[str, int]  # per reward function, completions it failed to score
+    sampling_rounds: int = 1  # batches sampled for this step (more than 1 under dynamic sampling)
+
+    def informative_groups(self) -> list[int]:
+        """Groups whose rewards differ (so they carry a learning signal) and that no failure took out."""
+        g = self.rollout.num_generations
+        rewards, skipped = self.rewards.view(-1, g), self.skipped.view(-1, g)
+        varied = rewards.max(dim=1).values > rewards.min(dim=1).values
+        return (varied & ~skipped.any(dim=1)).nonzero().flatten().tolist()
+
+    def select_groups(self, groups: list[int]) -> ScoredBatch:
+        g = self.rollout.num_generations
+        rows = [group * g + i for group in groups for i in range(g)]
+        return ScoredBatch(
+            self.rollout.select_groups(groups),
+            self.rewards[rows],
+            self.scores[rows],
+            self.advantages[rows],
+            self.skipped[rows],
+            self.failures,
+            self.sampling_rounds,
+        )
+
+    @staticmethod
+    def join(parts: list[ScoredBatch]) -> ScoredBatch:
+        rollout = Rollout.join([p.rollout for p in parts])
+        width = rollout.completion_ids.shape[1]
+        advantages = [
+            p.advantages
+            if p.advantages.dim() == 1
+            else nn.functional.pad(p.advantages, (0, width - p.advantages.shape[1]))
+            for p in parts
+        ]
+        failures: dict[str, int] = defaultdict(int)
+        for part in parts:
+            for name, count in part.failures.items():
+                failures[name] += count
+        return ScoredBatch(
+            rollout,
+            torch.cat([p.rewards for p in parts]),
+            torch.cat([p.scores for p in parts]),
+            torch.cat(advantages),
+            torch.cat([p.skipped for p in parts]),
+            dict(failures),
+            sum(p.sampling_rounds for p in parts),
+        )
 
 
 class GRPOTrainer:
@@ -105,6 +154,7 @@ class GRPOTrainer:
         self.saved_step: int | None = None
         self.stop_signal: int | None = None
         self.updated_this_step = False
+        self.reference_synced = False  # the reference has been made a copy of the policy (iterative RL)
 
     # --- one step ----------------------------------------------------------------------------------------
     def sample_and_score(self, rows: list[Row]) -> ScoredBatch:
@@ -131,7 +181,7 @@ class GRPOTrainer:
         values = scores.values
         if c.multi_objective_aggregation == "normalize_then_sum":
             values = normalize_per_function(values, g)
-        advantages = group_advantages(weighted_sum(values, self.rewards), g, c.scale_rewards)
+        advantages = self._advantages(weighted_sum(values, self.rewards))
         skipped = (
             scores.skip_rows
             if scores.skip_rows is not None
@@ -140,6 +190,41 @@ class GRPOTrainer:
         advantages[skipped] = 0.0
         total = weighted_sum(scores.values, self.rewards)
         return ScoredBatch(rollout, total, scores.values, advantages, skipped, scores.failures)
+
+    def _advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        """The per-completion signal the loss multiplies: group-relative advantages (GRPO, with
+        ``scale_rewards``), leave-one-out (RLOO), reward minus the group's mean (REINFORCE), or the weights
+        softmax(r/τ) of the softmax-weighted group log-likelihood."""
+        c, g = self.config, self.config.num_generations
+        if c.algorithm == "rloo":
+            return leave_one_out_advantages(rewards, g)
+        if c.algorithm == "reinforce":
+            return group_advantages(rewards, g, "none")
+        if c.algorithm == "softmax_weighted":
+            return softmax_group_weights(rewards, g, c.softmax_temperature)
+        return group_advantages(rewards, g, c.scale_rewards)
+
+    def sample_batch(self) -> ScoredBatch:
+        """This step's scored batch. Under ``dynamic_sampling`` (DAPO) groups whose rewards are all equal
+        are dropped and more prompts sampled, up to ``max_sampling_rounds`` batches, until the step has
+        ``prompts_per_step`` groups that carry a signal; if none does, the first batch is kept as it is (its
+        advantages are zero: only the KL term acts)."""
+        c = self.config
+        first = self.sample_and_score(self.sampler.batch(self.step))
+        if not c.dynamic_sampling:
+            return first
+        kept = first.select_groups(first.informative_groups())
+        draws = 1
+        while kept.rollout.num_groups < c.prompts_per_step and draws < c.max_sampling_rounds:
+            more = self.sample_and_score(self.sampler.batch(self.step, draw=draws))
+            kept = ScoredBatch.join([kept, more.select_groups(more.informative_groups())])
+            draws += 1
+        if kept.rollout.num_groups == 0:
+            first.sampling_rounds = draws
+            return first
+        kept = kept.select_groups(list(range(min(kept.rollout.num_groups, c.prompts_per_step))))
+        kept.sampling_rounds = draws
+        return kept
 
     def _score_steps(self, rows: list[Row], rollout: Rollout) -> ScoredBatch:
         """Process supervision: step rewards, and from them per-token advantages (N, T)."""
@@ -211,7 +296,7 @@ class GRPOTrainer:
         c = self.config
         started = time.perf_counter()
         self.updated_this_step = False
-        batch = self.sample_and_score(self.sampler.batch(self.step))
+        batch = self.sample_batch()
         generation_time = time.perf_counter() - started
         if self.stop_signal is not None:
             raise _StopNow  # nothing has changed yet: the step is redone on resume
@@ -249,28 +334,51 @@ class GRPOTrainer:
         old_logps = rollout.sampling_logps.to(self.device) if c.num_iterations > 1 else None
 
         tokens_in_batch = loss_mask.sum()
+        groups_in_batch = len(completion_ids) // c.num_generations
+        clip = math.inf if c.algorithm == "reinforce" else c.epsilon
+        clip_high = math.inf if c.algorithm == "reinforce" else c.epsilon_high
+        with_entropy = c.top_entropy_quantile < 1.0
         sums: dict[str, float] = defaultdict(float)
         grad_norms = []
         self.policy.train()
         for _ in range(c.num_iterations):
             for s in slices:
-                logps = logps_of(functools.partial(completion_logps, self.policy), s)
-                loss, metrics = policy_loss(
-                    logps,
-                    logps.detach() if old_logps is None else old_logps[s],
-                    None if ref_logps is None else ref_logps[s],
-                    advantages[s],
-                    loss_mask[s],
-                    epsilon_low=c.epsilon,
-                    epsilon_high=c.epsilon_high,
-                    beta=c.beta,
-                    loss_type=c.loss_type,
-                    max_completion_length=c.max_completion_length,
-                    importance_sampling_level=c.importance_sampling_level,
-                    num_items_in_batch=tokens_in_batch,
-                )
-                if c.loss_type != "dapo":  # "dapo" already divides by the whole batch's token count
-                    loss = loss / len(slices)
+                policy_logps = functools.partial(completion_logps, self.policy, with_entropy=with_entropy)
+                logps = logps_of(policy_logps, s)
+                mask = loss_mask[s]
+                if with_entropy:
+                    logps, entropy = logps
+                    mask = mask * high_entropy_tokens(entropy, mask, c.top_entropy_quantile)
+                    sums["entropy/mean"] += masked_mean(entropy, loss_mask[s]) / (
+                        len(slices) * c.num_iterations
+                    )
+                if c.algorithm == "softmax_weighted":
+                    loss, metrics = softmax_weighted_loss(
+                        logps,
+                        None if ref_logps is None else ref_logps[s],
+                        advantages[s],
+                        mask,
+                        num_groups=groups_in_batch,
+                        beta=c.beta,
+                        num_tokens=tokens_in_batch,
+                    )
+                else:
+                    loss, metrics = policy_loss(
+                        logps,
+                        logps.detach() if old_logps is None else old_logps[s],
+                        None if ref_logps is None else ref_logps[s],
+                        advantages[s],
+                        mask,
+                        epsilon_low=clip,
+                        epsilon_high=clip_high,
+                        beta=c.beta,
+                        loss_type=c.loss_type,
+                        max_completion_length=c.max_completion_length,
+                        importance_sampling_level=c.importance_sampling_level,
+                        num_items_in_batch=tokens_in_batch,
+                    )
+                    if c.loss_type != "dapo":  # "dapo" already divides by the whole batch's token count
+                        loss = loss / len(slices)
                 loss.backward()
                 sums["loss"] += loss.item() / c.num_iterations
                 for key, value in metrics.items():
@@ -278,6 +386,11 @@ class GRPOTrainer:
             grad_norms.append(self._optimizer_step(sums["loss"]))
             sums["skipped_updates"] += 0 if math.isfinite(grad_norms[-1]) else 1
         self.step += 1
+        sync = bool(c.ref_model_sync_steps) and self.step % c.ref_model_sync_steps == 0
+        if sync and self.models.needs_reference:
+            self.models.sync_reference()
+            self.reference_synced = True
+        sums["reference_synced"] = float(sync and self.models.needs_reference)
         step_time = time.perf_counter() - started
         return self._step_metrics(batch, loss_mask, sums, grad_norms, generation_time, step_time)
 
@@ -336,6 +449,7 @@ class GRPOTrainer:
         m["advantage/abs_max"] = advantages.abs().max().item() if advantages.numel() else 0.0
         m["frac_reward_zero_std"] = zero_std_group_fraction(batch.rewards, self.config.num_generations)
         m["skipped_groups"] = batch.skipped.sum().item() / self.config.num_generations
+        m["sampling_rounds"] = float(batch.sampling_rounds)
         m["completions/mean_length"] = lengths.mean().item()
         m["completions/min_length"] = lengths.min().item()
         m["completions/max_length"] = lengths.max().item()
@@ -390,7 +504,14 @@ class GRPOTrainer:
         return self.logged
 
     def save(self, rng_state: dict | None = None) -> Path:
-        state = {"step": self.step, "config": to_dict(self.config)}
+        synced = self.models.needs_reference and (self.models.has_reference_adapter or self.reference_synced)
+        state = {"step": self.step, "config": to_dict(self.config), "reference_synced": synced}
+        # Under LoRA the reference adapter is saved with the policy's adapters (peft writes every adapter).
+        extra = (
+            {REFERENCE_ADAPTER: self.models.reference_model}
+            if synced and not self.models.uses_adapters
+            else None
+        )
         directory = save_checkpoint(
             self.output_dir / f"{CHECKPOINT_PREFIX}{self.step}",
             self.policy,
@@ -398,6 +519,7 @@ class GRPOTrainer:
             self.scheduler,
             state,
             rng_state,
+            extra,
         )
         self.saved_step = self.step
         prune_checkpoints(self.output_dir, self.config.save_total_limit)
@@ -412,6 +534,9 @@ class GRPOTrainer:
         the metrics logged up to its step (later lines, from the run that was cut short, are dropped)."""
         load_weights(checkpoint, self.policy)
         state, rng = load_training_state(checkpoint, self.optimizer, self.scheduler)
+        if state.get("reference_synced"):
+            load_reference(checkpoint, self.models)
+            self.reference_synced = True
         restore_rng(rng)
         self.step = self.saved_step = state["step"]
         self.logged = [m for m in read_metrics(self.output_dir / METRICS_FILE) if m["step"] <= self.step]
@@ -478,3 +603,18 @@ def is_out_of_memory(error: BaseException) -> bool:
     """A failed allocation: Python's MemoryError, CUDA's "out of memory", or the CPU allocator's message."""
     message = str(error).lower()
     return isinstance(error, MemoryError) or "out of memory" in message or "can't allocate memory" in message
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    return ((values * mask).sum() / mask.sum().clamp(min=1)).item()
+
+
+def high_entropy_tokens(entropy: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:
+    """1 for the completion tokens whose entropy is in the top ``quantile`` of this micro-batch's, else 0:
+    the forking tokens where the policy is unsure, which carry most of the learning signal ("Beyond the
+    80/20 rule", Wang et al. 2025; TRL's top_entropy_quantile)."""
+    present = mask.bool()
+    if not present.any():
+        return torch.zeros_like(mask)
+    threshold = torch.quantile(entropy[present].float(), 1.0 - quantile)
+    return (present & (entropy >= threshold)).to(mask.dtype)

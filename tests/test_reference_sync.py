@@ -1,0 +1,102 @@
+"""Iterative RL: the reference model becomes the current policy every `ref_model_sync_steps` steps, under
+LoRA (a frozen copy of the adapters) and full fine-tuning (a copy of the weights), and survives a resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from cli_args import base_args
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from grpo import fused
+from grpo.cli import app
+from grpo.config import GRPOConfig
+from grpo.models import load_policy, trainable_parameters
+from grpo.rollout import completion_logps
+
+IDS = torch.tensor([[5, 6, 7, 8, 9]])
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+@pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
+def test_after_a_sync_the_reference_is_a_frozen_copy_of_the_policy(tiny_model, use_lora):
+    models, _ = load_policy(GRPOConfig(model_name_or_path=str(tiny_model), use_lora=use_lora, beta=0.1))
+    trainable = set(trainable_parameters(models.policy))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in trainable_parameters(models.policy).values():
+            parameter.add_(torch.randn_like(parameter) * 0.5)  # the policy has moved away from the base
+    policy_before = logits(models.policy)
+    with models.reference() as reference:
+        assert not torch.allclose(logits(reference), policy_before), "the reference is still the base"
+
+    models.sync_reference()
+    with models.reference() as reference:
+        torch.testing.assert_close(logits(reference), policy_before)
+    assert set(trainable_parameters(models.policy)) == trainable, "the copy is frozen, the policy trains on"
+
+    with torch.no_grad():
+        for parameter in trainable_parameters(models.policy).values():
+            parameter.add_(torch.randn_like(parameter) * 0.5)
+    with models.reference() as reference:
+        torch.testing.assert_close(logits(reference), policy_before)  # the copy did not follow
+        prompt_ids, prompt_mask = IDS[:, :2], torch.ones(1, 2, dtype=torch.long)
+        args = (prompt_ids, prompt_mask, torch.zeros(1, dtype=torch.long), IDS[:, 2:], torch.ones(1, 3))
+        plain = completion_logps(reference, *args)
+        if fused.supports(reference):  # the fused forward folds the reference's adapters, not the policy's
+            torch.testing.assert_close(fused.FusedDecoder(reference, 8).completion_logps(*args), plain)
+    assert not torch.allclose(logits(models.policy), policy_before)
+
+
+def train(args: list[str]) -> None:
+    result = CliRunner().invoke(app, ["train", *args])
+    assert result.exit_code == 0, result.output
+
+
+def lines(output) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
+def test_syncing_every_step_zeroes_the_kl_at_the_next_and_resumes_exactly(
+    use_lora, tiny_model, tiny_dataset, tmp_path, reward_file
+):
+    def args(output, steps: int, sync: int = 1) -> list[str]:
+        return [
+            *base_args(tiny_model, tiny_dataset, output, reward_file),
+            "--beta",
+            "0.1",
+            "--max-steps",
+            str(steps),
+            "--ref-model-sync-steps",
+            str(sync),
+            "--save-steps",
+            "1",
+            *([] if use_lora else ["--no-use-lora", "--learning-rate", "1e-3"]),
+        ]
+
+    train(args(tmp_path / "straight", 3))
+    synced = lines(tmp_path / "straight")
+    assert [m["reference_synced"] for m in synced] == [1.0, 1.0, 1.0]
+    # μ = 1: a step's first update sees the policy the reference was synced to; only rounding remains.
+    assert all(m["kl"] < 1e-7 for m in synced[1:]), [m["kl"] for m in synced]
+    train(args(tmp_path / "unsynced", 3, sync=0))
+    # The first update has learning rate 0 (warm-up), so the policy first moves in step 2: step 3 shows it.
+    assert lines(tmp_path / "unsynced")[2]["kl"] > 1e-5, "without syncing the KL grows"
+
+    train(args(tmp_path / "resumed", 2))
+    train(["--resume", str(tmp_path / "resumed"), "--max-steps", "3"])
+    timing = {"step_time", "generation_time", "tokens_per_second"}
+    strip = [{k: v for k, v in m.items() if k not in timing} for m in lines(tmp_path / "resumed")]
+    assert strip == [{k: v for k, v in m.items() if k not in timing} for m in synced]
+    weights = "adapter_model.safetensors" if use_lora else "model.safetensors"
+    a = load_file(tmp_path / "straight" / "checkpoint-3" / weights)
+    b = load_file(tmp_path / "resumed" / "checkpoint-3" / weights)
+    assert all(torch.equal(a[k], b[k]) for k in a)
