@@ -91,8 +91,9 @@ def adapter_changed(output, steps: int) -> bool:
         ["--algorithm", "reinforce"],
         ["--algorithm", "softmax_weighted", "--softmax-temperature", "0.5", "--beta", "0.04"],
         ["--top-entropy-quantile", "0.2"],
+        ["--algorithm", "ppo", "--lam", "0.9", "--vf-coef", "0.5"],
     ],
-    ids=["rloo", "reinforce", "softmax_weighted", "top_entropy_quantile"],
+    ids=["rloo", "reinforce", "softmax_weighted", "top_entropy_quantile", "ppo"],
 )
 def test_each_algorithm_trains_through_the_cli(flags, tiny_model, tiny_dataset, tmp_path, reward_file):
     output = tmp_path / "run"
@@ -113,6 +114,12 @@ def test_each_algorithm_trains_through_the_cli(flags, tiny_model, tiny_dataset, 
     assert adapter_changed(output, 2)
     if "--top-entropy-quantile" in flags:
         assert all(m["entropy/mean"] > 0 for m in lines)
+    if "ppo" in flags:  # the critic is trained and saved with the run's checkpoints
+        assert all(math.isfinite(m["value_loss"]) for m in lines)
+        assert (output / "checkpoint-2" / "value_head.safetensors").is_file()
+        assert not (output / "final_model" / "value_head.safetensors").exists(), (
+            "the final model is the policy"
+        )
 
 
 HALF_CONSTANT = """

@@ -14,6 +14,7 @@ import pytest
 import torch
 from rich.console import Console
 
+from grpo.config import load_settings
 from grpo.dpo import (
     DPOConfig,
     DPOTrainer,
@@ -22,7 +23,6 @@ from grpo.dpo import (
     dpo_loss,
     encode_pairs,
     fit_to_length,
-    load_dpo_config,
     run_dpo,
     sequence_logps,
 )
@@ -100,7 +100,7 @@ def test_defaults_validate():
         ({"num_train_epochs": 0.0}, "num_train_epochs"),
         ({"max_steps": -1}, "max_steps"),
         ({"warmup_ratio": 1.5}, "warmup_ratio"),
-        ({"lr_scheduler_type": "polynomial"}, "lr_scheduler_type"),
+        ({"lr_scheduler_type": "cosine_with_min_lr"}, "lr_scheduler_type"),
         ({"dtype": "int8"}, "dtype"),
         ({"dataset": "pairs.jsonl", "eval_dataset": "held.jsonl", "eval_fraction": 0.1}, "eval_fraction"),
         ({"eval_fraction": 0.1}, "eval_fraction"),  # hh-rlhf has its own test split
@@ -114,7 +114,9 @@ def test_a_value_that_cannot_work_is_a_config_error_naming_the_field(settings, f
 def test_a_yaml_file_then_overrides_with_kebab_case_and_the_model_alias(tmp_path):
     path = tmp_path / "dpo.yaml"
     path.write_text("model: my-model\nbeta: 0.2\nuse-lora: false\nmax_steps: 3\n")
-    config = load_dpo_config(path, {"max-steps": "7", "learning_rate": "1e-6", "eval_dataset": "none"})
+    config = load_settings(
+        DPOConfig, path, {"max-steps": "7", "learning_rate": "1e-6", "eval_dataset": "none"}
+    )
     assert config.model_name_or_path == "my-model" and config.beta == 0.2 and config.use_lora is False
     assert config.max_steps == 7 and config.learning_rate == 1e-6 and config.eval_dataset is None
 
@@ -130,7 +132,7 @@ def test_a_yaml_file_then_overrides_with_kebab_case_and_the_model_alias(tmp_path
 )
 def test_a_bad_setting_names_itself(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        load_dpo_config(overrides=overrides)
+        load_settings(DPOConfig, None, overrides)
 
 
 # --- pairs as tokens ---------------------------------------------------------------------------------------

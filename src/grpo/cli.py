@@ -1,7 +1,9 @@
-"""The `grpo` command: `grpo train` and `grpo eval`.
+"""The `grpo` command: `grpo train`, `grpo eval`, and the other stages (`sft`, `reward-model`, `dpo`,
+`pipeline`).
 
-Every field of :class:`grpo.config.GRPOConfig` is a flag of `grpo train` (``--learning-rate 1e-4``), generated
-from the dataclass so that the flags and their help can never drift from the config. Bad input ends the
+Every field of :class:`grpo.config.GRPOConfig` is a flag of `grpo train` (``--learning-rate 1e-4``), and every
+field of a stage's settings class a flag of its command, generated from the dataclass so that the flags and
+their help can never drift from the config. Bad input ends the
 command with one line on stderr and exit code 2.
 """
 
@@ -19,7 +21,19 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from grpo.config import ALIASES, GRPOConfig, _strip_optional, field_docs, field_types, load_config
+from grpo.config import (
+    ALIASES,
+    STAGE_ALIASES,
+    DPOConfig,
+    GRPOConfig,
+    RewardModelConfig,
+    SFTConfig,
+    _strip_optional,
+    field_docs,
+    field_types,
+    load_config,
+    load_settings,
+)
 from grpo.errors import GRPOError, RunInterrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Group Relative Policy Optimization.")
@@ -45,54 +59,95 @@ def exits_cleanly_on_bad_input(func: Callable) -> Callable:
     return wrapper
 
 
-def config_flags(func: Callable) -> Callable:
-    """Give ``func`` one option per config field (all defaulting to None = "not given") plus ``--config``."""
-    aliases = {field: f"--{alias}" for alias, field in ALIASES.items()}
-    docs = field_docs()
-    params = [
-        inspect.Parameter(
-            "config_file",
-            inspect.Parameter.KEYWORD_ONLY,
-            annotation=Path | None,
-            default=typer.Option(None, "--config", help="A YAML file of settings; flags override it."),
-        )
-    ]
-    for field in dataclasses.fields(GRPOConfig):
-        flag = "--" + field.name.replace("_", "-")
-        names = [flag] + ([aliases[field.name]] if field.name in aliases else [])
-        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        if _strip_optional(field_types()[field.name]) is bool:
-            option = typer.Option(
-                None, f"{flag}/--no-{flag[2:]}", help=docs.get(field.name), show_default=str(default)
-            )
-            annotation: Any = bool | None
-        else:
-            option = typer.Option(None, *names, help=docs.get(field.name), show_default=str(default))
-            annotation = str | None
-        params.append(
+def settings_flags(
+    cls: type, load: Callable[[Path | None, dict[str, Any]], Any], aliases: dict[str, str]
+) -> Callable[[Callable], Callable]:
+    """Give a command one option per field of the settings dataclass ``cls`` (all defaulting to None =
+    "not given") plus ``--config``; the command receives ``load(config_file, given_flags)``."""
+
+    def decorate(func: Callable) -> Callable:
+        alias_of = {field: f"--{alias}" for alias, field in aliases.items()}
+        docs = field_docs(cls)
+        params = [
             inspect.Parameter(
-                field.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=option
+                "config_file",
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=Path | None,
+                default=typer.Option(None, "--config", help="A YAML file of settings; flags override it."),
             )
-        )
+        ]
+        for field in dataclasses.fields(cls):
+            flag = "--" + field.name.replace("_", "-")
+            names = [flag] + ([alias_of[field.name]] if field.name in alias_of else [])
+            default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+            if _strip_optional(field_types(cls)[field.name]) is bool:
+                option = typer.Option(
+                    None, f"{flag}/--no-{flag[2:]}", help=docs.get(field.name), show_default=str(default)
+                )
+                annotation: Any = bool | None
+            else:
+                option = typer.Option(None, *names, help=docs.get(field.name), show_default=str(default))
+                annotation = str | None
+            params.append(
+                inspect.Parameter(
+                    field.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=option
+                )
+            )
 
-    @functools.wraps(func)
-    def wrapper(config_file: Path | None = None, **flags: Any) -> Any:
-        overrides = {name: value for name, value in flags.items() if value is not None}
-        return func(load_config(config_file, overrides))
+        @functools.wraps(func)
+        def wrapper(config_file: Path | None = None, **flags: Any) -> Any:
+            overrides = {name: value for name, value in flags.items() if value is not None}
+            return func(load(config_file, overrides))
 
-    wrapper.__signature__ = inspect.Signature(params)
-    return wrapper
+        wrapper.__signature__ = inspect.Signature(params)
+        return wrapper
+
+    return decorate
+
+
+def stage_flags(cls: type) -> Callable[[Callable], Callable]:
+    return settings_flags(cls, lambda path, flags: load_settings(cls, path, flags), STAGE_ALIASES)
 
 
 @app.command()
 @exits_cleanly_on_bad_input
-@config_flags
+@settings_flags(GRPOConfig, load_config, ALIASES)
 def train(config: GRPOConfig) -> None:
     """Train a policy with GRPO and score it on the held-out split before and after."""
     from grpo.run import run_training
 
     summary = run_training(config, console)
     print(json.dumps(summary, indent=1))
+
+
+@app.command()
+@exits_cleanly_on_bad_input
+@stage_flags(SFTConfig)
+def sft(config: SFTConfig) -> None:
+    """Supervised fine-tuning on prompt/completion or chat rows; its final_model is a policy for train."""
+    from grpo.sft import run_sft
+
+    print(json.dumps(run_sft(config, console), indent=1))
+
+
+@app.command("reward-model")
+@exits_cleanly_on_bad_input
+@stage_flags(RewardModelConfig)
+def reward_model(config: RewardModelConfig) -> None:
+    """Train a reward model on preference pairs (Bradley-Terry); its final_model is a reward for train."""
+    from grpo.reward_training import run_reward_model
+
+    print(json.dumps(run_reward_model(config, console), indent=1))
+
+
+@app.command()
+@exits_cleanly_on_bad_input
+@stage_flags(DPOConfig)
+def dpo(config: DPOConfig) -> None:
+    """Direct Preference Optimization on preference pairs, offline: no sampling, no reward function."""
+    from grpo.dpo import run_dpo
+
+    print(json.dumps(run_dpo(config, console), indent=1))
 
 
 @app.command("eval")

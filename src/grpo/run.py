@@ -184,7 +184,12 @@ def run_training(config: GRPOConfig, console: Console) -> dict[str, Any]:
 
     if config.eval_on_start and not (output_dir / "eval_before.json").is_file():
         held_out("before")
-    trainer = GRPOTrainer(
+    trainer_class = GRPOTrainer
+    if config.algorithm == "ppo":
+        from grpo.ppo import PPOTrainer
+
+        trainer_class = PPOTrainer
+    trainer = trainer_class(
         config,
         models,
         tokenizer,
