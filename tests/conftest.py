@@ -74,6 +74,27 @@ def tiny_dataset(tmp_path: Path) -> Path:
     return path
 
 
+def write_pairs(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def separable_pairs(path: Path) -> Path:
+    """64 preference pairs on sums whose chosen answer says "the answer is" and whose rejected one does not:
+    a preference that only the answers' words, never the prompt or the length, tell apart, and that the
+    tiny model learns in a few steps (as a reward model and under DPO)."""
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"What is {a} + {b}?"}],
+            "chosen": f"the answer is {a + b}",
+            "rejected": f"it may be {a * b}" + " ." * (a % 3),
+        }
+        for a in range(8)
+        for b in range(8)
+    ]
+    return write_pairs(path, rows)
+
+
 # Random weights never produce the answer format, so the built-in rewards would all be 0 and no group
 # would carry a signal; a reward on completion length varies from the first step.
 LENGTH_REWARD = """

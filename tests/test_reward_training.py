@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import separable_pairs, write_pairs
 from rich.console import Console
 from safetensors.torch import load_file
 
@@ -53,26 +54,6 @@ def test_the_centering_term_adds_the_mean_squared_sum_of_each_pairs_rewards():
 def test_an_overwhelming_margin_gives_a_finite_loss():
     loss, metrics = bradley_terry_loss(torch.tensor([-500.0]), torch.tensor([500.0]))
     assert loss.item() == pytest.approx(1000.0) and metrics["accuracy"] == 0.0
-
-
-def write_pairs(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
-def separable_pairs(path: Path) -> Path:
-    """Sums whose chosen answer says "the answer is" and whose rejected one does not: a preference that
-    only the answers' words, never the prompt or the length, tell apart."""
-    rows = [
-        {
-            "prompt": [{"role": "user", "content": f"What is {a} + {b}?"}],
-            "chosen": f"the answer is {a + b}",
-            "rejected": f"it may be {a * b}" + " ." * (a % 3),
-        }
-        for a in range(8)
-        for b in range(8)
-    ]
-    return write_pairs(path, rows)
 
 
 def quiet() -> Console:

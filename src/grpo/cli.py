@@ -37,7 +37,7 @@ from grpo.config import (
 from grpo.errors import GRPOError, RunInterrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Group Relative Policy Optimization.")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # a log file gets whole lines: paths stay whole
 
 
 def exits_cleanly_on_bad_input(func: Callable) -> Callable:
@@ -148,6 +148,19 @@ def dpo(config: DPOConfig) -> None:
     from grpo.dpo import run_dpo
 
     print(json.dumps(run_dpo(config, console), indent=1))
+
+
+@app.command()
+@exits_cleanly_on_bad_input
+def pipeline(
+    config_file: Annotated[
+        Path, typer.Argument(help="A YAML file: output_dir, model, and the stages sft, reward_model, grpo.")
+    ],
+) -> None:
+    """Run SFT → reward model → GRPO (any subset), each stage's model feeding the next; resumable."""
+    from grpo.pipeline import run_pipeline
+
+    print(json.dumps(run_pipeline(config_file, console), indent=1))
 
 
 @app.command("eval")

@@ -37,10 +37,12 @@ def evaluate(
     """Greedy (one sample) or sampled (``num_samples`` > 1) scores; returns (summary, one record per row).
 
     A completion is *solved* when every reward function gives it full marks (≥ 1.0): with the accuracy and
-    format rewards that is strict accuracy — the right answer in the asked format. With several samples the
-    summary adds the unbiased pass@k for k = 1 and ``num_samples``.
+    format rewards that is strict accuracy — the right answer in the asked format. Learned scores without a
+    full mark (reward models) are reported but do not count, unless nothing else scores. With several
+    samples the summary adds the unbiased pass@k for k = 1 and ``num_samples``.
     """
     greedy = num_samples == 1
+    graded = [f for f, reward in enumerate(rewards) if not getattr(reward.func, "unbounded", False)]
     records: list[dict[str, Any]] = []
     all_scores = []
     for start in range(0, len(rows), max(1, batch_size // num_samples)):
@@ -59,7 +61,8 @@ def evaluate(
         )
         scores = score_groups(rewards, chunk, rollout.texts).values
         all_scores.append(scores)
-        solved = (torch.nan_to_num(scores, nan=1.0) >= 1.0).all(dim=1).view(len(chunk), num_samples)
+        marks = scores[:, graded] if graded else scores
+        solved = (torch.nan_to_num(marks, nan=1.0) >= 1.0).all(dim=1).view(len(chunk), num_samples)
         for i, row in enumerate(chunk):
             records.append(
                 {

@@ -436,7 +436,7 @@ def run_sft(config: SFTConfig, console: Console) -> dict[str, Any]:
     eval_set: list[Example] = []
     if eval_rows is not None:
         eval_set, eval_truncated = prepare_examples(
-            eval_rows, tokenizer, config.max_length, str(config.eval_dataset)
+            eval_rows, tokenizer, config.max_length, config.eval_dataset or config.dataset
         )
         truncated += eval_truncated
     elif config.eval_fraction:

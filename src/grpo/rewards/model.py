@@ -84,6 +84,9 @@ class RewardModelScorer:
     batching, so a batch pads little.
     """
 
+    # A learned score has no full mark: it does not decide whether an evaluated completion is solved.
+    unbounded = True
+
     def __init__(
         self,
         model: nn.Module,
