@@ -39,7 +39,6 @@ from torch import nn
 from transformers import get_scheduler
 from transformers.cache_utils import Cache
 
-from grpo import fused
 from grpo.checkpoint import CHECKPOINT_PREFIX, prune_checkpoints, save_checkpoint
 from grpo.config import GRPOConfig, to_dict
 from grpo.data import Row
@@ -50,7 +49,6 @@ from grpo.rewards import Reward
 from grpo.rollout import (
     PromptPrefixLayer,
     checkpointing_flags,
-    completion_logps,
     prompt_positions,
     token_logps,
 )
@@ -258,28 +256,13 @@ class PPOTrainer(GRPOTrainer):
         c = self.config
         started = time.perf_counter()
         self.updated_this_step = False
-        batch = self.sample_and_score(self.sampler.batch(self.step))
+        batch = self.sample_batch()
         generation_time = time.perf_counter() - started
         if self.stop_signal is not None:
             raise _StopNow  # nothing has changed yet: the step is redone on resume
 
-        rollout = batch.rollout
-        prompt_ids, prompt_mask = rollout.prompt_ids.to(self.device), rollout.prompt_mask.to(self.device)
-        completion_ids = rollout.completion_ids.to(self.device)
-        completion_mask = rollout.completion_mask.to(self.device)
-        prompt_index = rollout.prompt_index.to(self.device)
-        loss_mask = rollout.completion_mask.clone()
-        if c.mask_truncated_completions:
-            loss_mask[rollout.truncated] = 0
-        loss_mask[batch.skipped] = 0
-        loss_mask = loss_mask.to(self.device)
-        micro = c.per_device_train_batch_size
-        slices = [slice(i, i + micro) for i in range(0, len(completion_ids), micro)]
-
-        def run(compute: Callable[..., Any], part: slice) -> Any:
-            args = (prompt_ids, prompt_mask, prompt_index[part], completion_ids[part], completion_mask[part])
-            return compute(*args, c.temperature)
-
+        tensors = self.training_tensors(batch)
+        loss_mask, slices, run = tensors.loss_mask, tensors.slices, tensors.run
         forward = functools.partial(completion_logps_and_values, self.policy, self.value_head)
         self.policy.eval()
         with torch.no_grad():
@@ -288,7 +271,7 @@ class PPOTrainer(GRPOTrainer):
             old_values = torch.cat([values for _, values in old])
             kl = torch.zeros_like(old_logps)
             if self.models.needs_reference:
-                kl = torch.where(loss_mask.bool(), old_logps - self._reference_logps(run, slices), 0.0)
+                kl = torch.where(loss_mask.bool(), old_logps - self.reference_logps(tensors), 0.0)
             token_rewards = -c.beta * kl
             lengths = loss_mask.sum(dim=1)
             ended = (lengths > 0).nonzero().squeeze(1)
@@ -347,17 +330,6 @@ class PPOTrainer(GRPOTrainer):
         m["explained_variance"] = explained_variance(old_values, returns, loss_mask)
         m["value_head/parameters"] = float(self.value_head_parameters)
         return m
-
-    def _reference_logps(self, run: Callable[..., Any], slices: list[slice]) -> torch.Tensor:
-        """The reference model's log-probs of the batch, through the fused decoder where it applies."""
-        c = self.config
-        with torch.inference_mode(), self.models.reference() as reference:
-            if c.fused_inference and fused.supports(reference):
-                batch_hint = c.per_device_train_batch_size * c.max_completion_length
-                score = fused.FusedDecoder(reference, batch_hint).completion_logps
-            else:
-                score = functools.partial(completion_logps, reference)
-            return torch.cat([run(score, part) for part in slices])
 
     # --- checkpoints -------------------------------------------------------------------------------------
     def save(self, rng_state: dict | None = None) -> Path:

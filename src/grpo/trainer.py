@@ -112,6 +112,25 @@ class ScoredBatch:
         )
 
 
+@dataclass(frozen=True)
+class TrainingTensors:
+    """A scored batch's tokens on the training device, cut into micro-batches for the loss."""
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    prompt_index: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    loss_mask: torch.Tensor  # the completion tokens that enter the loss
+    slices: list[slice]  # the micro-batches
+    temperature: float
+
+    def run(self, compute: Callable[..., Any], part: slice) -> Any:
+        """``compute`` (a completion_logps-like function) on the completions of micro-batch ``part``."""
+        args = (self.prompt_ids, self.prompt_mask, self.prompt_index[part])
+        return compute(*args, self.completion_ids[part], self.completion_mask[part], self.temperature)
+
+
 class GRPOTrainer:
     def __init__(
         self,
@@ -302,39 +321,16 @@ class GRPOTrainer:
             raise _StopNow  # nothing has changed yet: the step is redone on resume
 
         rollout = batch.rollout
-        prompt_ids, prompt_mask = rollout.prompt_ids.to(self.device), rollout.prompt_mask.to(self.device)
-        completion_ids = rollout.completion_ids.to(self.device)
-        completion_mask = rollout.completion_mask.to(self.device)
-        prompt_index = rollout.prompt_index.to(self.device)
-        loss_mask = rollout.completion_mask.clone()
-        if c.mask_truncated_completions:
-            loss_mask[rollout.truncated] = 0
-        loss_mask[batch.skipped] = 0
-        loss_mask = loss_mask.to(self.device)
+        tensors = self.training_tensors(batch)
+        loss_mask, slices = tensors.loss_mask, tensors.slices
         advantages = batch.advantages.to(self.device)
-        micro = c.per_device_train_batch_size
-        slices = [slice(i, i + micro) for i in range(0, len(completion_ids), micro)]
-
-        def logps_of(compute: Callable[..., torch.Tensor], s: slice) -> torch.Tensor:
-            args = (prompt_ids, prompt_mask, prompt_index[s], completion_ids[s], completion_mask[s])
-            return compute(*args, c.temperature)
-
-        ref_logps = None
-        if self.models.needs_reference:
-            self.policy.eval()
-            with torch.inference_mode(), self.models.reference() as reference:
-                if c.fused_inference and fused.supports(reference):
-                    score = fused.FusedDecoder(reference, micro * c.max_completion_length).completion_logps
-                else:
-                    score = functools.partial(completion_logps, reference)
-                ref_logps = torch.cat([logps_of(score, s) for s in slices])
-            ref_logps = ref_logps.clone()  # a normal tensor, usable in the autograd graph
+        ref_logps = self.reference_logps(tensors) if self.models.needs_reference else None
         # With one pass the sampling policy is the current one: its log-probs are the current ones, detached.
         # With several, they are the log-probs the sampler already computed for each token it drew.
         old_logps = rollout.sampling_logps.to(self.device) if c.num_iterations > 1 else None
 
         tokens_in_batch = loss_mask.sum()
-        groups_in_batch = len(completion_ids) // c.num_generations
+        groups_in_batch = len(rollout.completion_ids) // c.num_generations
         clip = math.inf if c.algorithm == "reinforce" else c.epsilon
         clip_high = math.inf if c.algorithm == "reinforce" else c.epsilon_high
         with_entropy = c.top_entropy_quantile < 1.0
@@ -344,7 +340,7 @@ class GRPOTrainer:
         for _ in range(c.num_iterations):
             for s in slices:
                 policy_logps = functools.partial(completion_logps, self.policy, with_entropy=with_entropy)
-                logps = logps_of(policy_logps, s)
+                logps = tensors.run(policy_logps, s)
                 mask = loss_mask[s]
                 if with_entropy:
                     logps, entropy = logps
@@ -393,6 +389,40 @@ class GRPOTrainer:
         sums["reference_synced"] = float(sync and self.models.needs_reference)
         step_time = time.perf_counter() - started
         return self._step_metrics(batch, loss_mask, sums, grad_norms, generation_time, step_time)
+
+    def training_tensors(self, batch: ScoredBatch) -> TrainingTensors:
+        """The batch's tokens on the training device, the mask of the tokens that enter the loss, and its
+        micro-batches."""
+        rollout, c = batch.rollout, self.config
+        loss_mask = rollout.completion_mask.clone()
+        if c.mask_truncated_completions:
+            loss_mask[rollout.truncated] = 0
+        loss_mask[batch.skipped] = 0
+        micro = c.per_device_train_batch_size
+        return TrainingTensors(
+            prompt_ids=rollout.prompt_ids.to(self.device),
+            prompt_mask=rollout.prompt_mask.to(self.device),
+            prompt_index=rollout.prompt_index.to(self.device),
+            completion_ids=rollout.completion_ids.to(self.device),
+            completion_mask=rollout.completion_mask.to(self.device),
+            loss_mask=loss_mask.to(self.device),
+            slices=[slice(i, i + micro) for i in range(0, len(rollout.completion_ids), micro)],
+            temperature=c.temperature,
+        )
+
+    def reference_logps(self, tensors: TrainingTensors) -> torch.Tensor:
+        """The reference model's log-probs of the batch's completions, in inference mode, through the fused
+        decoder where it applies."""
+        c = self.config
+        self.policy.eval()
+        with torch.inference_mode(), self.models.reference() as reference:
+            if c.fused_inference and fused.supports(reference):
+                batch_hint = c.per_device_train_batch_size * c.max_completion_length
+                score = fused.FusedDecoder(reference, batch_hint).completion_logps
+            else:
+                score = functools.partial(completion_logps, reference)
+            logps = torch.cat([tensors.run(score, s) for s in tensors.slices])
+        return logps.clone()  # a normal tensor, usable in the autograd graph
 
     def _optimizer_step(self, loss: float) -> float:
         """Clip and apply the accumulated gradient; skip the update (optimizer and schedule) when the loss or
