@@ -34,7 +34,6 @@ import torch
 import torch.nn.functional as F
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 from transformers import get_scheduler
 
@@ -47,7 +46,7 @@ from grpo.files import remove_leftovers, write_json_atomic, write_text_atomic
 from grpo.models import PolicyAndReference, load_policy, resolve_model, save_final_model, trainable_parameters
 from grpo.preferences import PairRow, is_builtin, load_pairs
 from grpo.rollout import completion_logps
-from grpo.run import FINAL_MODEL, peak_memory_mb, seed_everything
+from grpo.run import FINAL_MODEL, peak_memory_mb, seed_everything, step_progress
 from grpo.trainer import METRICS_FILE
 
 
@@ -423,24 +422,14 @@ def run_dpo(config: DPOConfig, console: Console) -> dict[str, Any]:
 
     trainer = DPOTrainer(config, models, tokenizer, train_pairs, eval_pairs, output_dir)
     before = trainer.held_out()
-    columns = (
-        TextColumn("[bold]step"),
-        MofNCompleteColumn(),
-        BarColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("dpo", total=trainer.steps, info="")
+    with step_progress(console, trainer.steps) as show:
 
         def report(step: int, metrics: dict[str, float]) -> None:
             info = (
                 f"loss {metrics['loss']:.3f}  accuracy {metrics['rewards/accuracy']:.2f}  "
                 f"margin {metrics['rewards/margin']:.3f}  {metrics['step_time']:.1f}s/step"
             )
-            progress.update(task, completed=step, info=info)
-            if not console.is_terminal and step % config.logging_steps == 0:
-                console.print(f"step {step}/{trainer.steps}  {info}")  # a log file gets the lines
+            show(step, info, log_line=step % config.logging_steps == 0)
 
         history = trainer.train(progress=report)
     after = trainer.held_out()

@@ -110,8 +110,9 @@ def plan(path: str | Path) -> list[Stage]:
         config = load_config(None, settings("grpo", policy), source=f"{path}: grpo")
         uses = policy_from if config.model_name_or_path == policy else ()
         if "reward_model" in sections:
-            config = with_reward_model(config, str(root / "reward_model" / FINAL_MODEL))
-            uses = (*uses, "reward_model")
+            scored = with_reward_model(config, str(root / "reward_model" / FINAL_MODEL))
+            uses = (*uses, "reward_model") if scored != config else uses
+            config = scored
         stages.append(Stage("grpo", root / "grpo", config, uses))
     return stages
 

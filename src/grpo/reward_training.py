@@ -28,7 +28,6 @@ from typing import Any
 import torch
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from grpo.config import RewardModelConfig
@@ -45,7 +44,7 @@ from grpo.models import (
 )
 from grpo.preferences import PairRow, is_builtin, load_pairs
 from grpo.rewards.model import RewardModelScorer
-from grpo.run import FINAL_MODEL, peak_memory_mb, seed_everything
+from grpo.run import FINAL_MODEL, peak_memory_mb, seed_everything, step_progress
 from grpo.trainer import METRICS_FILE
 
 EncodedPair = tuple[list[int], list[int]]  # token ids of (prompt + chosen, prompt + rejected)
@@ -300,15 +299,7 @@ def run_reward_model(config: RewardModelConfig, console: Console) -> dict[str, A
     before = held_out("before")
     steps = total_steps(config, len(train_ids))
     lines: list[str] = []
-    columns = (
-        TextColumn("[bold]step"),
-        MofNCompleteColumn(),
-        BarColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("train", total=steps, info="")
+    with step_progress(console, steps) as show:
 
         def log(metrics: dict[str, float]) -> None:
             lines.append(json.dumps(metrics) + "\n")
@@ -317,9 +308,7 @@ def run_reward_model(config: RewardModelConfig, console: Console) -> dict[str, A
                 f"loss {metrics['loss']:.3f}  accuracy {metrics['accuracy']:.0%}  "
                 f"{metrics['step_time']:.1f}s/step"
             )
-            progress.update(task, completed=int(metrics["step"]), info=info)
-            if not console.is_terminal:
-                console.print(f"step {int(metrics['step'])}/{steps}  {info}")  # a log file gets the lines
+            show(int(metrics["step"]), info)
 
         training_started = time.perf_counter()
         history = train_pairs(model, scorer.pad_id, train_ids, config, log)

@@ -8,6 +8,8 @@ import random
 import resource
 import statistics
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -110,6 +112,30 @@ RESUMABLE_CHANGES = frozenset(
 )
 
 
+@contextmanager
+def step_progress(
+    console: Console, total: int, completed: int = 0, info: str = ""
+) -> Iterator[Callable[..., None]]:
+    """A bar of steps on a terminal, a line per logged step in a log file: yields ``show(step, info,
+    log_line=True)``, which moves the bar to ``step`` and, in a log file, writes ``info`` as a line."""
+    columns = (
+        TextColumn("[bold]step"),
+        MofNCompleteColumn(),
+        BarColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("steps", total=total, completed=completed, info=info)
+
+        def show(step: int, info: str, log_line: bool = True) -> None:
+            progress.update(task, completed=step, info=info)
+            if log_line and not console.is_terminal:
+                console.print(f"step {step}/{total}  {info}")
+
+        yield show
+
+
 def checkpoint_to_resume(config: GRPOConfig, output_dir: Path) -> Path | None:
     """The checkpoint this run continues from: the one asked for, or the newest in its output directory
     when that holds a run with the same settings (a different run there is an error, not overwritten)."""
@@ -200,24 +226,14 @@ def run_training(config: GRPOConfig, console: Console) -> dict[str, Any]:
     )
     if resume_from is not None:
         trainer.resume(resume_from)
-    columns = (
-        TextColumn("[bold]step"),
-        MofNCompleteColumn(),
-        BarColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("train", total=config.max_steps, completed=trainer.step, info="sampling…")
+    with step_progress(console, config.max_steps, trainer.step, "sampling…") as show:
 
         def report(step: int, metrics: dict[str, float]) -> None:
             info = (
                 f"reward {metrics['reward']:.2f}  kl {metrics.get('kl', 0.0):.4f}  "
                 f"{metrics['step_time']:.1f}s/step"
             )
-            progress.update(task, completed=step, info=info)
-            if not console.is_terminal and step % config.logging_steps == 0:
-                console.print(f"step {step}/{config.max_steps}  {info}")  # a log file gets a line per step
+            show(step, info, log_line=step % config.logging_steps == 0)
             if config.eval_steps and step % config.eval_steps == 0 and step < config.max_steps:
                 held_out(f"step{step}")
 

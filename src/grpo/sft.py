@@ -27,7 +27,6 @@ import torch
 import yaml
 from jinja2 import TemplateError
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 from transformers import get_scheduler
 
@@ -46,11 +45,9 @@ from grpo.models import (
     wrap_lora,
 )
 from grpo.rollout import token_logps
+from grpo.run import FINAL_MODEL, step_progress
 from grpo.tasks import DEMONSTRATIONS
-
-# Named as in a `grpo train` run directory.
-FINAL_MODEL = "final_model"
-METRICS_FILE = "metrics.jsonl"
+from grpo.trainer import METRICS_FILE
 
 
 # --- rows --------------------------------------------------------------------------------------------------
@@ -474,31 +471,23 @@ def run_sft(config: SFTConfig, console: Console) -> dict[str, Any]:
     before = held_out("before")
     logged: list[dict[str, float]] = []  # the lines of metrics.jsonl
     window: list[dict[str, float]] = []  # the steps since the last of them
-    columns = (
-        TextColumn("[bold]step"),
-        MofNCompleteColumn(),
-        BarColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("sft", total=steps, info="")
+    with step_progress(console, steps) as show:
 
         def report(metrics: dict[str, float]) -> None:
             step = int(metrics["step"])
-            progress.update(task, completed=step, info=f"loss {metrics['loss']:.4f}")
             window.append(metrics)
             if step % config.logging_steps and step != steps:
+                show(step, f"loss {metrics['loss']:.4f}", log_line=False)
                 return
             line = log_line(window)
             window.clear()
             logged.append(line)
             write_text_atomic(output_dir / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in logged))
-            if not console.is_terminal:  # a log file gets a line per logged step
-                console.print(
-                    f"step {step}/{steps}  loss {line['loss']:.4f}  lr {line['learning_rate']:.2e}  "
-                    f"{line['tokens_per_second']:.0f} tokens/s"
-                )
+            show(
+                step,
+                f"loss {line['loss']:.4f}  lr {line['learning_rate']:.2e}  "
+                f"{line['tokens_per_second']:.0f} tokens/s",
+            )
 
         history = train(model, train_set, config, tokenizer.pad_token_id, report)
     after = held_out("after")
