@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test test-slow lint clean
+.PHONY: setup train test test-slow lint clean browser
 
 setup: $(STAMP)
 
@@ -19,9 +19,20 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(VENV)/bin/grpo train $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/pytest -q
+
+# tests/test_report_browser.py opens a run's report.html in headless Chromium: Debian's chromium and
+# chromedriver, installed here when missing and we are root (as CI is); otherwise that test is skipped.
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+		else \
+			echo "no /usr/bin/chromium: tests/test_report_browser.py will be skipped (as root: make browser)"; \
+		fi; \
+	fi
 
 test-slow: $(STAMP)
 	$(VENV)/bin/pytest -q -m slow

@@ -71,6 +71,11 @@ def train(tmp: Path, model: Path, *flags: str, dataset: str | None = None) -> li
     ]
 
 
+def empty_directory(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path
+
+
 def config_file(text: str | bytes) -> Callable[[Path, Path], list[str]]:
     return lambda tmp, model: train(tmp, model, "--config", str(write(tmp / "run.yaml", text)))
 
@@ -490,6 +495,32 @@ CASES = [
         "`grpo eval` with zero samples",
         lambda tmp, model: ["eval", "--model", str(model), "--num-samples", "0"],
         "num_samples must be at least 1, got 0",
+    ),
+    Case(
+        "eval",
+        "`grpo eval` with a k above the samples drawn",
+        lambda tmp, model: ["eval", "--model", str(model), "--num-samples", "4", "--k", "2,8"],
+        "--k 8: each k must be from 1 to --num-samples (4), the samples drawn per row",
+    ),
+    Case(
+        "eval",
+        "`grpo eval` writing results to neither .jsonl nor .json",
+        lambda tmp, model: ["eval", "--model", str(model), "--output", str(tmp / "results.txt")],
+        "--output {tmp}/results.txt: must end in .jsonl (a line per row, with a .summary.json beside it) or "
+        ".json (one file)",
+    ),
+    Case(
+        "eval",
+        "`grpo eval` of a split the built-in task lacks",
+        lambda tmp, model: ["eval", "--model", str(model), "--dataset", "gsm8k", "--split", "validation"],
+        "gsm8k: no split 'validation' (train, test)",
+    ),
+    Case(
+        "eval",
+        "`grpo eval` of a directory that holds no model, run or checkpoint",
+        lambda tmp, model: ["eval", "--model", str(empty_directory(tmp / "empty"))],
+        "{tmp}/empty: not a model, run or checkpoint directory (no config.json, adapter_config.json, "
+        "final_model/ or checkpoint-N/)",
     ),
 ]
 

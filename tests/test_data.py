@@ -389,8 +389,8 @@ def test_arithmetic_default_split_is_train():
     assert load_rows("arithmetic") == load_rows("arithmetic", "train")
 
 
-def test_arithmetic_unknown_split_is_a_value_error():
-    with pytest.raises(ValueError, match="'validation'"):
+def test_arithmetic_unknown_split_is_a_data_error():
+    with pytest.raises(DataError, match=r"arithmetic: no split 'validation' \(train, test\)"):
         load_rows("arithmetic", "validation")
 
 

@@ -64,6 +64,21 @@ def metrics_lines(output: Path) -> list[dict]:
     return [json.loads(line) for line in text.splitlines()]
 
 
+def samples_text(output: Path) -> str:
+    """samples.jsonl as written: nothing in it depends on timing, so resumed and uninterrupted runs match."""
+    return (output / "samples.jsonl").read_text()
+
+
+def tensorboard_rewards(output: Path) -> list[tuple[int, float]]:
+    """The reward scalars TensorBoard shows: a resumed run's files, with the steps after each checkpoint
+    that a cut-short attempt had logged purged."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(output / "tensorboard"))
+    events.Reload()
+    return [(event.step, event.value) for event in events.Scalars("reward")]
+
+
 def without_timings(lines: list[dict]) -> list[dict]:
     return [{k: v for k, v in line.items() if k not in TIMING_KEYS} for line in lines]
 
@@ -118,6 +133,8 @@ def test_killed_at_random_moments_and_resumed_the_run_ends_as_if_never_interrupt
     run_to_the_end(command)  # the same command again continues from the newest checkpoint
 
     assert without_timings(metrics_lines(output)) == without_timings(expected_lines), f"seed {seed}"
+    assert samples_text(output) == samples_text(reference), f"seed {seed}"
+    assert tensorboard_rewards(output) == tensorboard_rewards(reference), f"seed {seed}"
     expected, resumed = final_weights(reference), final_weights(output)
     assert expected.keys() == resumed.keys()
     for name in expected:
@@ -143,6 +160,7 @@ def test_resume_flag_continues_with_more_steps_like_a_longer_run(
     assert without_timings(metrics_lines(tmp_path / "short")) == without_timings(
         metrics_lines(tmp_path / "long")
     )
+    assert samples_text(tmp_path / "short") == samples_text(tmp_path / "long")
     long_weights, resumed = final_weights(tmp_path / "long"), final_weights(tmp_path / "short")
     assert all(torch.equal(long_weights[name], resumed[name]) for name in long_weights)
     summary = json.loads((tmp_path / "short" / "summary.json").read_text())

@@ -1,5 +1,5 @@
-"""The `grpo` command: `grpo train`, `grpo eval`, and the other stages (`sft`, `reward-model`, `dpo`,
-`pipeline`).
+"""The `grpo` command: `grpo train`, `grpo eval`, `grpo report`, and the other stages (`sft`,
+`reward-model`, `dpo`, `pipeline`).
 
 Every field of :class:`grpo.config.GRPOConfig` is a flag of `grpo train` (``--learning-rate 1e-4``), and every
 field of a stage's settings class a flag of its command, generated from the dataclass so that the flags and
@@ -34,7 +34,7 @@ from grpo.config import (
     load_config,
     load_settings,
 )
-from grpo.errors import GRPOError, RunInterrupted
+from grpo.errors import ConfigError, GRPOError, RunInterrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Group Relative Policy Optimization.")
 console = Console(stderr=True, soft_wrap=True)  # a log file gets whole lines: paths stay whole
@@ -163,14 +163,62 @@ def pipeline(
     print(json.dumps(run_pipeline(config_file, console), indent=1))
 
 
+@app.command()
+@exits_cleanly_on_bad_input
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory of `grpo train` (finished or not).")],
+) -> None:
+    """Rebuild a run's report.html (diagnostics, plots, samples, settings) from its files; prints its path."""
+    from grpo.report import write_report
+
+    print(write_report(run_dir))
+
+
+def parse_ks(text: str | None, num_samples: int) -> list[int]:
+    """``--k 1,4,8`` as [1, 4, 8]: whole numbers from 1 to ``num_samples``, or a one-line error."""
+    if text is None:
+        return []
+    try:
+        ks = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ConfigError(
+            f"--k takes whole numbers separated by commas, such as 1,4,8; got {text!r}"
+        ) from None
+    for k in ks:
+        if not 1 <= k <= num_samples:
+            raise ConfigError(
+                f"--k {k}: each k must be from 1 to --num-samples ({num_samples}), the samples drawn per row"
+            )
+    return ks
+
+
+@app.command()
+@exits_cleanly_on_bad_input
+def compare(
+    config_file: Annotated[
+        Path,
+        typer.Argument(help="A YAML file: model, dataset, seeds, max_steps, common settings, methods."),
+    ],
+) -> None:
+    """Train several methods on the same task, model, seeds and budget; table, plots and report.html."""
+    from grpo.compare import run_comparison
+
+    run_comparison(config_file, console)
+
+
 @app.command("eval")
 @exits_cleanly_on_bad_input
 def evaluate_command(
     model: Annotated[
-        str, typer.Option("--model", help="A model directory, a run directory, a checkpoint, or a name.")
+        str,
+        typer.Option(
+            "--model",
+            help="A model directory, a run directory (its final_model), a checkpoint (LoRA or full), a "
+            ".gguf file, or a name.",
+        ),
     ],
     dataset: Annotated[
-        str, typer.Option(help="A built-in task, a dataset file, or a `datasets` name.")
+        str, typer.Option(help="A built-in task (arithmetic, gsm8k), a dataset file, or a `datasets` name.")
     ] = "arithmetic",
     split: Annotated[str, typer.Option(help="The split of a built-in task or `datasets` dataset.")] = "test",
     reward_funcs: Annotated[
@@ -185,20 +233,50 @@ def evaluate_command(
             "--config", help="A run's YAML config: its reward_funcs (kinds with options too) and weights."
         ),
     ] = None,
-    num_samples: Annotated[int, typer.Option(help="1 = greedy; k > 1 = k samples per row, with pass@k.")] = 1,
+    num_samples: Annotated[
+        int, typer.Option(help="1 = greedy; n > 1 = n samples per row, with pass@k and maj@k.")
+    ] = 1,
+    k: Annotated[
+        str | None,
+        typer.Option(
+            "--k",
+            help="More k for pass@k and maj@k, comma-separated (1,4,8), each at most --num-samples; "
+            "k = 1 and k = --num-samples are always reported.",
+        ),
+    ] = None,
     temperature: Annotated[float, typer.Option(help="Sampling temperature when num_samples > 1.")] = 1.0,
-    max_completion_length: Annotated[int, typer.Option(help="Longest completion, in tokens.")] = 32,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling: the top-p share of probability.")] = 1.0,
+    max_completion_length: Annotated[
+        int | None,
+        typer.Option(
+            help="Longest completion, in tokens (default: 256 on gsm8k, else 32).", show_default=False
+        ),
+    ] = None,
     max_samples: Annotated[int, typer.Option(help="Score at most this many rows (0 = all).")] = 0,
     output: Annotated[
-        Path | None, typer.Option(help="Write the summary and per-row results here (.json).")
+        Path | None,
+        typer.Option(
+            help="results.jsonl: one JSON line per row (prompt, answer, completions, scores, solved, "
+            "answers, voted) and results.summary.json beside it; results.json: one file with both."
+        ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 42,
 ) -> None:
-    """Score a model on a dataset with reward functions: solved rate, per-function means, pass@k."""
+    """Score a model on a dataset with reward functions: solved rate, per-function means, pass@k, maj@k."""
     from grpo.run import run_eval
+    from grpo.tasks import COMPLETION_LENGTHS
 
     if num_samples < 1:
         raise GRPOError(f"num_samples must be at least 1, got {num_samples}")
+    ks = parse_ks(k, num_samples)
+    if num_samples > 1 and not temperature > 0:
+        raise ConfigError(f"--temperature must be positive to draw {num_samples} samples, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"--top-p must be above 0 and at most 1, got {top_p}")
+    if max_completion_length is None:
+        max_completion_length = COMPLETION_LENGTHS.get(dataset, 32)
+    if max_completion_length < 1:
+        raise ConfigError(f"--max-completion-length must be at least 1, got {max_completion_length}")
     rewards: list[Any] = ["accuracy", "format"]
     weights = None
     if config_file is not None:
@@ -214,11 +292,15 @@ def evaluate_command(
         reward_weights=weights,
         num_samples=num_samples,
         temperature=temperature,
+        top_p=top_p,
+        ks=ks,
         max_completion_length=max_completion_length,
         max_samples=max_samples,
         output=output,
         seed=seed,
     )
+    if output is not None:
+        console.print(f"results: {output}")
     print(json.dumps(summary, indent=1))
 
 

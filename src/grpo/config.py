@@ -220,6 +220,13 @@ class GRPOConfig:
     """Score the held-out split before training, so that the run shows its own baseline."""
     num_threads: int = 0
     """CPU threads for torch (0 = torch's default)."""
+    log_completions: int = 8
+    """Write this many of each logged step's sampled completions, spread over its groups, to samples.jsonl
+    with their prompt, each reward function's score, the total reward and the advantage; report.html shows
+    them (0 = none)."""
+    report_to: str = "tensorboard"
+    """Where the logged metrics also go, as TRL's report_to: "tensorboard" (event files in
+    output_dir/tensorboard/, for `tensorboard --logdir`) or "none". metrics.jsonl is always written."""
 
     @property
     def generation_batch(self) -> int:
@@ -264,6 +271,7 @@ class GRPOConfig:
                 "vf_coef",
                 "cliprange_value",
                 "value_head_init_std",
+                "log_completions",
             ),
             choices={
                 "loss_type": ("grpo", "bnpo", "dr_grpo", "dapo"),
@@ -274,6 +282,7 @@ class GRPOConfig:
                 "reward_failure": ("stop", "zero", "skip_group"),
                 "supervision": ("outcome", "process"),
                 "algorithm": ("grpo", "rloo", "reinforce", "softmax_weighted", "ppo"),
+                "report_to": ("tensorboard", "none"),
             },
         )
         if self.num_generations < 2:
@@ -498,8 +507,18 @@ def load_settings(
     """A stage's settings dataclass: defaults, then the YAML file, then ``overrides`` (their errors name
     ``source``); validated."""
     config = cls(**merge_layers(cls, config_file, overrides, aliases, source))
-    config.validate()  # type: ignore[attr-defined]
+    validate_from(config, source)
     return config
+
+
+def validate_from(config: Any, source: str) -> None:
+    """``config.validate()``, its error naming ``source`` when the values came from a file's section."""
+    try:
+        config.validate()
+    except ConfigError as error:
+        if source == "command line" or str(error).startswith(source):
+            raise
+        raise ConfigError(f"{source}: {error}") from None
 
 
 def load_config(
@@ -513,7 +532,7 @@ def load_config(
     if values.get("resume_from_checkpoint"):
         values = {**resumed_settings(values["resume_from_checkpoint"], values), **values}
     config = GRPOConfig(**values)
-    config.validate()
+    validate_from(config, source)
     return config
 
 

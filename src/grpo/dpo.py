@@ -43,7 +43,14 @@ from grpo.config import DPOConfig
 from grpo.data import render_prompt
 from grpo.errors import ConfigError, DataError, ModelError, RunFailed
 from grpo.files import remove_leftovers, write_json_atomic, write_text_atomic
-from grpo.models import PolicyAndReference, load_policy, resolve_model, save_final_model, trainable_parameters
+from grpo.models import (
+    PolicyAndReference,
+    load_policy,
+    parameter_counts,
+    resolve_model,
+    save_final_model,
+    trainable_parameters,
+)
 from grpo.preferences import PairRow, is_builtin, load_pairs
 from grpo.rollout import completion_logps
 from grpo.run import FINAL_MODEL, peak_memory_mb, seed_everything, step_progress
@@ -452,6 +459,7 @@ def run_dpo(config: DPOConfig, console: Console) -> dict[str, Any]:
         "held_out_margin_after": after["margin"] if after else None,
         "seconds_per_step_median": statistics.median(m["step_time"] for m in history),
         "peak_memory_mb": round(peak_memory_mb()),
+        **parameter_counts(models.policy, models.reference_model),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     write_json_atomic(output_dir / "summary.json", summary)

@@ -31,6 +31,10 @@ class CheckpointError(GRPOError):
     """A checkpoint that is missing, incomplete, damaged, pickled, or from a different kind of run."""
 
 
+class RunFilesError(GRPOError):
+    """A run directory that does not exist or holds none of a run's files (for `grpo report`)."""
+
+
 class RunFailed(GRPOError):
     """A run that cannot go on for a reason it can explain: it diverged, or ran out of memory."""
 

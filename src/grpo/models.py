@@ -260,6 +260,16 @@ def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
+def parameter_counts(*modules: nn.Module | None) -> dict[str, int]:
+    """Trainable parameters, and all parameters held in memory, of ``modules`` together (a tensor shared by
+    two of them, such as the base weights under both the policy and its adapters, counted once)."""
+    unique = {id(p): p for module in modules if module is not None for p in module.parameters()}
+    return {
+        "trainable_parameters": sum(p.numel() for p in unique.values() if p.requires_grad),
+        "resident_parameters": sum(p.numel() for p in unique.values()),
+    }
+
+
 def save_final_model(policy: nn.Module, tokenizer: Any, directory: Path) -> None:
     """A plain transformers model (adapters merged into a copy) that AutoModelForCausalLM loads."""
     model = policy

@@ -19,7 +19,7 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from grpo.checkpoint import latest_checkpoint, read_trainer_state
+from grpo.checkpoint import CHECKPOINT_PREFIX, TRAINER_STATE, latest_checkpoint, read_trainer_state
 from grpo.config import GRPOConfig, to_dict
 from grpo.data import Row, load_rows, render_prompt
 from grpo.errors import CheckpointError, ConfigError, DataError, ModelError
@@ -29,11 +29,13 @@ from grpo.models import (
     load_causal_lm,
     load_policy,
     load_tokenizer,
+    parameter_counts,
     pick_dtype,
     refuse_pickled_weights,
     resolve_model,
     save_final_model,
 )
+from grpo.report import report_line
 from grpo.rewards import Reward, RewardSpec, build_rewards
 from grpo.tasks import DEFAULT_EVAL_SPLIT, TASKS
 from grpo.trainer import METRICS_FILE, GRPOTrainer
@@ -108,6 +110,8 @@ RESUMABLE_CHANGES = frozenset(
         "output_dir",
         "resume_from_checkpoint",
         "max_nonfinite_updates",
+        "log_completions",
+        "report_to",
     }
 )
 
@@ -241,8 +245,11 @@ def run_training(config: GRPOConfig, console: Console) -> dict[str, Any]:
     after = held_out("after")
     save_final_model(policy, tokenizer, output_dir / FINAL_MODEL)
     summary = run_summary(output_dir, history, after)
+    # What the method holds: the policy, a frozen reference copy (full fine-tuning), PPO's value head.
+    summary |= parameter_counts(policy, models.reference_model, getattr(trainer, "value_head", None))
     summary["wall_seconds"] = round(time.perf_counter() - started, 1)
     write_json_atomic(output_dir / "summary.json", summary)
+    console.print(report_line(output_dir), markup=False, highlight=False)
     console.print(f"run files: {output_dir}")
     before = summary["held_out_solved_before"]
     if before is not None and after:
@@ -278,29 +285,99 @@ def run_summary(
         "peak_memory_mb": round(peak_memory_mb()),
         "reward_first_steps": statistics.mean(m["reward"] for m in history[:window]) if history else None,
         "reward_last_steps": statistics.mean(m["reward"] for m in history[-window:]) if history else None,
+        "kl_last_steps": statistics.mean(m.get("kl", 0.0) for m in history[-window:]) if history else None,
         "held_out_solved_before": before["solved"] if before else None,
         "held_out_solved_after": after["solved"] if after else None,
         "held_out_during": [{"step": step, **scores(path)} for step, path in during if step <= last_step],
     }
 
 
-def load_for_eval(model: str) -> tuple[torch.nn.Module, Any]:
-    """A model directory, a run directory (its final model), a checkpoint (adapter or full), or a name."""
+def has_tokenizer(directory: Path) -> bool:
+    return (directory / "tokenizer_config.json").is_file() or (directory / "tokenizer.json").is_file()
+
+
+def eval_weights(model: str) -> Path | None:
+    """The directory whose weights `grpo eval --model` means: a run directory's final_model, or the newest
+    checkpoint of a run that has not finished; a model or checkpoint directory itself; None for a name
+    (the default model, a Hub id) or a ``.gguf`` file, which :func:`resolve_model` handles."""
     path = Path(model)
+    if not path.is_dir():
+        return None
+    if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
+        return path
     if (path / FINAL_MODEL / "config.json").is_file():
-        path = path / FINAL_MODEL
+        return path / FINAL_MODEL
+    checkpoint = latest_checkpoint(path)
+    if checkpoint is not None:
+        return checkpoint
+    raise ModelError(
+        f"{path}: not a model, run or checkpoint directory (no config.json, adapter_config.json, "
+        f"{FINAL_MODEL}/ or {CHECKPOINT_PREFIX}N/)"
+    )
+
+
+def training_base_model(checkpoint: Path) -> str:
+    """The model a checkpoint's run started from, as its trainer_state.json records it."""
+    try:
+        state = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
+        base = state["config"]["model_name_or_path"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise CheckpointError(
+            f"{checkpoint / TRAINER_STATE}: damaged (no config.model_name_or_path)"
+        ) from None
+    return resolve_model(base)
+
+
+def load_for_eval(model: str) -> tuple[torch.nn.Module, Any, str]:
+    """The model `grpo eval --model` names, its tokenizer, and where the weights came from.
+
+    ``model`` is a model directory, a `grpo train` run directory (its final_model; the newest checkpoint
+    while the run has not finished), a checkpoint, a ``.gguf`` file or a name. A LoRA checkpoint holds
+    adapters: they go on the base model their adapter_config.json names. A full fine-tuning checkpoint
+    holds the whole model (config.json and safetensors weights) but no tokenizer: that comes from the model
+    the run started from, as its trainer_state.json says.
+    """
+    path = eval_weights(model)
+    if path is None:
+        resolved = resolve_model(model)
+        return load_causal_lm(resolved, pick_dtype("auto")), load_tokenizer(resolved), resolved
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
 
         refuse_pickled_weights(path, "adapter_model")
-        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        try:
+            base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            raise ModelError(f"{path}/adapter_config.json: damaged (not a JSON object)") from None
         if not base:
             raise ModelError(f"{path}: adapter_config.json names no base model")
-        tokenizer = load_tokenizer(base)
-        policy = PeftModel.from_pretrained(load_causal_lm(base, pick_dtype("auto")), path)
-        return policy, tokenizer
-    resolved = resolve_model(str(path) if path.exists() else model)
-    return load_causal_lm(resolved, pick_dtype("auto")), load_tokenizer(resolved)
+        base = resolve_model(base)
+        tokenizer = load_tokenizer(str(path) if has_tokenizer(path) else base)
+        try:
+            policy = PeftModel.from_pretrained(load_causal_lm(base, pick_dtype("auto")), path)
+        except (OSError, ValueError) as error:
+            raise ModelError(f"{path}: cannot load the adapters ({error})") from None
+        return policy, tokenizer, str(path)
+    resolved = resolve_model(str(path))
+    if has_tokenizer(path) or not (path / TRAINER_STATE).is_file():
+        tokenizer_source = resolved
+    else:
+        tokenizer_source = training_base_model(path)
+    return load_causal_lm(resolved, pick_dtype("auto")), load_tokenizer(tokenizer_source), resolved
+
+
+def eval_output_files(output: Path) -> tuple[Path, Path | None]:
+    """Where `grpo eval --output` writes: ``results.jsonl`` gets a line per row and ``results.summary.json``
+    beside it; ``results.json`` gets one file with both (the format of a run's eval_*.json)."""
+    suffix = output.suffix.lower()
+    if suffix == ".jsonl":
+        return output, output.with_name(f"{output.stem}.summary.json")
+    if suffix == ".json":
+        return output, None
+    raise ConfigError(
+        f"--output {output}: must end in .jsonl (a line per row, with a .summary.json beside it) or .json "
+        "(one file)"
+    )
 
 
 def run_eval(
@@ -312,17 +389,22 @@ def run_eval(
     reward_weights: list[float] | None = None,
     num_samples: int,
     temperature: float,
+    top_p: float = 1.0,
+    ks: list[int] | None = None,
     max_completion_length: int,
     max_samples: int,
     output: Path | None,
     seed: int,
 ) -> dict[str, Any]:
+    """Score ``model`` on a dataset split and write the results to ``output`` (see
+    :func:`eval_output_files`); return the summary. Bad input fails before the model loads."""
+    rows_file, summary_file = eval_output_files(output) if output is not None else (None, None)
     rows = load_rows(dataset, split)
     rows = rows[:max_samples] if max_samples else rows
     rewards = build_rewards(reward_funcs, reward_weights)
     check_reward_columns(rows, rewards, dataset)
     seed_everything(seed)
-    policy, tokenizer = load_for_eval(model)
+    policy, tokenizer, weights = load_for_eval(model)
     summary, records = evaluate(
         policy,
         tokenizer,
@@ -331,8 +413,28 @@ def run_eval(
         max_completion_length=max_completion_length,
         num_samples=num_samples,
         temperature=temperature,
+        top_p=top_p,
+        ks=ks or (),
     )
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(output, {"model": model, "dataset": dataset, "summary": summary, "rows": records})
+    if rows_file is None:
+        return summary
+    about = {
+        "model": model,
+        "weights": weights,
+        "dataset": dataset,
+        "split": split,
+        "rewards": [reward.name for reward in rewards],
+        "num_samples": num_samples,
+        "greedy": num_samples == 1,
+        "temperature": temperature,
+        "top_p": top_p,
+        "max_completion_length": max_completion_length,
+        "seed": seed,
+    }
+    rows_file.parent.mkdir(parents=True, exist_ok=True)
+    if summary_file is None:
+        write_json_atomic(rows_file, {**about, "summary": summary, "rows": records})
+    else:
+        write_text_atomic(rows_file, "".join(json.dumps(record) + "\n" for record in records))
+        write_json_atomic(summary_file, {**about, "rows_file": rows_file.name, "summary": summary})
     return summary

@@ -11,6 +11,8 @@ import contextlib
 import functools
 import json
 import math
+import os
+import shutil
 import signal
 import sys
 import threading
@@ -46,6 +48,7 @@ from grpo.checkpoint import (
 )
 from grpo.config import GRPOConfig, to_dict
 from grpo.data import PromptSampler, Row, render_prompt
+from grpo.diagnostics import Watch, held_out_scores
 from grpo.errors import RewardError, RunFailed, RunInterrupted
 from grpo.files import write_text_atomic
 from grpo.losses import policy_loss, softmax_weighted_loss
@@ -174,6 +177,9 @@ class GRPOTrainer:
         self.stop_signal: int | None = None
         self.updated_this_step = False
         self.reference_synced = False  # the reference has been made a copy of the policy (iterative RL)
+        self.last_batch: ScoredBatch | None = None  # the batch behind the latest metrics, for samples.jsonl
+        self.tensorboard: Any = None  # a SummaryWriter while train() runs, under report_to "tensorboard"
+        self.watch = Watch()  # the diagnostic warnings shown so far (each once, until it clears)
 
     # --- one step ----------------------------------------------------------------------------------------
     def sample_and_score(self, rows: list[Row]) -> ScoredBatch:
@@ -461,6 +467,7 @@ class GRPOTrainer:
         generation_time: float,
         step_time: float,
     ) -> dict[str, float]:
+        self.last_batch = batch
         rollout = batch.rollout
         lengths = rollout.completion_mask.sum(dim=1).float()
         m: dict[str, float] = {"step": float(self.step)}
@@ -506,7 +513,10 @@ class GRPOTrainer:
         """
         c = self.config
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        with self._signals_stop_the_run():
+        if self.step == 0:  # a fresh run: drop what an earlier attempt that never reached a checkpoint logged
+            (self.output_dir / SAMPLES_FILE).unlink(missing_ok=True)
+            shutil.rmtree(self.output_dir / TENSORBOARD_DIR, ignore_errors=True)
+        with self._signals_stop_the_run(), self._tensorboard():
             while self.step < c.max_steps:
                 rng_at_start = capture_rng()
                 try:
@@ -521,6 +531,9 @@ class GRPOTrainer:
                 if self.step % c.logging_steps == 0 or self.step == c.max_steps:
                     self.logged.append(metrics)
                     self._write_metrics()
+                    self._log_samples()
+                    self._log_tensorboard(metrics)
+                    self._warn()
                 if progress is not None:
                     progress(self.step, metrics)
                 if self.on_step is not None:
@@ -561,7 +574,8 @@ class GRPOTrainer:
 
     def resume(self, checkpoint: Path) -> None:
         """Continue from ``checkpoint`` exactly: weights, optimizer, scheduler, step, random generators, and
-        the metrics logged up to its step (later lines, from the run that was cut short, are dropped)."""
+        the metrics and samples logged up to its step (later lines, from the run that was cut short, are
+        dropped; TensorBoard is told to drop them too)."""
         load_weights(checkpoint, self.policy)
         state, rng = load_training_state(checkpoint, self.optimizer, self.scheduler)
         if state.get("reference_synced"):
@@ -569,12 +583,55 @@ class GRPOTrainer:
             self.reference_synced = True
         restore_rng(rng)
         self.step = self.saved_step = state["step"]
-        self.logged = [m for m in read_metrics(self.output_dir / METRICS_FILE) if m["step"] <= self.step]
+        self.logged = [m for m in read_jsonl(self.output_dir / METRICS_FILE) if m["step"] <= self.step]
         self._write_metrics()
+        samples_file = self.output_dir / SAMPLES_FILE
+        if samples_file.is_file():
+            samples = [s for s in read_jsonl(samples_file) if s["step"] <= self.step]
+            write_text_atomic(samples_file, "".join(json.dumps(s) + "\n" for s in samples))
 
     def _write_metrics(self) -> None:
         text = "".join(json.dumps(m) + "\n" for m in self.logged)
         write_text_atomic(self.output_dir / METRICS_FILE, text)
+
+    # --- what a logged step leaves besides metrics.jsonl -------------------------------------------------
+    def _log_samples(self) -> None:
+        """Append a line of this step's sampled completions to samples.jsonl (log_completions of them)."""
+        count = self.config.log_completions
+        if count and self.last_batch is not None:
+            records = sample_records(self.last_batch, [r.name for r in self.rewards], self.tokenizer, count)
+            append_line(self.output_dir / SAMPLES_FILE, json.dumps({"step": self.step, "samples": records}))
+
+    @contextlib.contextmanager
+    def _tensorboard(self) -> Iterator[None]:
+        """A SummaryWriter for the run's scalars while the loop runs (report_to "tensorboard"). Resumed,
+        it tells TensorBoard to drop the steps after the checkpoint that a cut-short attempt had logged."""
+        if self.config.report_to != "tensorboard" or self.step >= self.config.max_steps:
+            yield
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tensorboard = SummaryWriter(str(self.output_dir / TENSORBOARD_DIR), purge_step=self.step + 1)
+        try:
+            yield
+        finally:
+            self.tensorboard.close()
+            self.tensorboard = None
+
+    def _log_tensorboard(self, metrics: dict[str, float]) -> None:
+        if self.tensorboard is not None:
+            for key, value in metrics.items():
+                if key != "step":
+                    self.tensorboard.add_scalar(key, value, self.step)
+            self.tensorboard.flush()
+
+    def _warn(self) -> None:
+        """Show the diagnostic warnings (grpo.diagnostics) that are new at this logged step: each kind once,
+        and again only after it has cleared."""
+        scores = held_out_scores(self.output_dir, up_to=self.step)
+        held_out = [(step, summary["solved"]) for step, summary in scores]
+        for finding in self.watch.check(self.logged, held_out):
+            self.notify(f"warning: {finding.message}")
 
     def _interrupted(self) -> RunInterrupted:
         name = signal.Signals(self.stop_signal).name
@@ -614,10 +671,13 @@ class _StopNow(Exception):
 
 
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
 
-def read_metrics(path: Path) -> list[dict[str, float]]:
-    """The complete lines of a metrics file (a torn last line, which grpo itself never writes, is dropped)."""
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The complete lines of metrics.jsonl or samples.jsonl (a torn last line is dropped: grpo never writes
+    one to metrics.jsonl, and only a crash of the machine could leave one in samples.jsonl)."""
     if not path.is_file():
         return []
     lines = []
@@ -627,6 +687,51 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
         except json.JSONDecodeError:
             break
     return lines
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append a line to a file in one write, flushed to disk: a killed process leaves whole lines."""
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(line + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def sample_records(batch: ScoredBatch, reward_names: list[str], tokenizer: Any, count: int) -> list[dict]:
+    """``count`` of the batch's completions, evenly spaced over it (so over its groups), each with its group,
+    its prompt as the model saw it (chat template included), its text, each reward function's score (None
+    where it did not apply), the total reward, the advantage (per-token advantages: their mean over the
+    completion), its length in tokens, and whether it was truncated or its group skipped."""
+    rollout = batch.rollout
+    n = len(rollout.texts)
+    count = min(count, n)
+    picks = [i * n // count for i in range(count)]
+    prompts: dict[int, str] = {}
+    records = []
+    for i in picks:
+        group = i // rollout.num_generations
+        if group not in prompts:
+            ids = rollout.prompt_ids[group][rollout.prompt_mask[group].bool()]
+            prompts[group] = tokenizer.decode(ids.tolist(), skip_special_tokens=False)
+        present = rollout.completion_mask[i].bool()
+        advantage = batch.advantages[i]
+        if advantage.dim() == 1:
+            advantage = advantage[present].mean() if present.any() else advantage.new_zeros(())
+        scores = {name: batch.scores[i, f].item() for f, name in enumerate(reward_names)}
+        records.append(
+            {
+                "group": group,
+                "prompt": prompts[group],
+                "completion": rollout.texts[i],
+                "rewards": {name: None if math.isnan(v) else v for name, v in scores.items()},
+                "reward": batch.rewards[i].item(),
+                "advantage": advantage.item(),
+                "length": int(present.sum().item()),
+                "truncated": bool(rollout.truncated[i].item()),
+                "skipped": bool(batch.skipped[i].item()),
+            }
+        )
+    return records
 
 
 def is_out_of_memory(error: BaseException) -> bool:
