@@ -116,9 +116,9 @@ def plan(path: str | Path) -> Plan:
     runs = []
     reference = load_config(None, {**shared, **held_out, **common}, source=f"{path}: common")
     for name, method in methods.items():
-        method = dict(method or {}) if isinstance(method, dict) or method is None else method
-        if not isinstance(method, dict):
+        if not isinstance(method, dict | None):
             raise ConfigError(f"{path}: methods: {name} must be a mapping of its settings")
+        method = dict(method or {})
         kind = method.pop("kind", "train")
         if kind not in ("train", "dpo"):
             raise ConfigError(f"{path}: methods: {name}: kind must be train or dpo, got {kind!r}")

@@ -16,17 +16,17 @@ when none is there (with weight 1 when ``reward_weights`` are given). A stage's 
 the file wins over what would flow into it.
 
 Every stage's settings are checked before the first stage starts. A finished stage leaves a record of its
-settings and of its inputs; running the same file again skips it, so a pipeline stopped at any point
-continues with the stage it was in (GRPO from its last checkpoint). A finished stage whose settings or
-inputs have changed since is an error rather than a silent rerun over its results.
+settings and of the runs of the stages it used; running the same file again skips it, so a pipeline
+stopped at any point continues with the stage it was in (GRPO from its last checkpoint). A finished stage
+whose settings or inputs have changed since is an error rather than a silent rerun over its results.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -145,11 +145,9 @@ def settings_of(stage: Stage) -> dict[str, Any]:
 
 
 def record_of(stage: Stage, finished: dict[str, Stage]) -> dict[str, Any]:
-    """What a finished stage is known by: its settings and the summaries of the stages it used."""
-    inputs = {}
-    for name in stage.inputs:
-        summary = finished[name].directory / "summary.json"
-        inputs[name] = hashlib.sha256(summary.read_bytes()).hexdigest()
+    """What a finished stage is known by: its settings and the runs of the stages it used (each finished
+    stage's record carries a fresh id, so a stage that ran again is a new input even with equal results)."""
+    inputs = {name: (saved_record(finished[name]) or {}).get("run") for name in stage.inputs}
     return {"settings": settings_of(stage), "inputs": inputs}
 
 
@@ -214,7 +212,7 @@ def run_pipeline(path: str | Path, console: Console) -> dict[str, Any]:
         record = record_of(stage, finished)
         header = f"[bold]pipeline[/] stage {number}/{len(stages)}: {stage.name}"
         saved = saved_record(stage)
-        if saved == record:
+        if saved is not None and {key: saved.get(key) for key in record} == record:
             console.print(f"{header}: finished earlier, in {stage.directory}")
             summaries[stage.name] = json.loads((stage.directory / "summary.json").read_text())
         elif saved is not None and saved.get("inputs") != record["inputs"]:
@@ -222,7 +220,7 @@ def run_pipeline(path: str | Path, console: Console) -> dict[str, Any]:
         else:  # not started, stopped part-way (GRPO continues from its checkpoint), or longer now
             console.print(f"{header} → {stage.directory}")
             summaries[stage.name] = run_stage(stage, console)
-            write_json_atomic(stage.directory / STAGE_RECORD, record)
+            write_json_atomic(stage.directory / STAGE_RECORD, {**record, "run": uuid.uuid4().hex})
         finished[stage.name] = stage
     result = {
         "output_dir": str(root),
