@@ -254,3 +254,24 @@ def test_bad_input_ends_with_one_error_line_exit_code_2_and_no_output_directory(
     assert "Traceback" not in result.output and "Traceback" not in result.stderr
     assert result.stdout == ""
     assert not output.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["train", "--learning-rat", "1"], "error: grpo train: No such option: --learning-rat"),
+        (["dpo", "--use-lora", "maybe"], "error: grpo dpo: Got unexpected extra argument(s) (maybe)"),
+        (["pipelines", "p.yaml"], "error: grpo: No such command 'pipelines'."),
+        (["eval"], "error: grpo eval: Missing option '--model'."),
+    ],
+)
+def test_a_flag_or_command_that_does_not_exist_is_one_line_and_exit_code_2(args, line):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "grpo.cli", *args], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(line), done.stderr

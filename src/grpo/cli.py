@@ -36,6 +36,11 @@ from grpo.config import (
 )
 from grpo.errors import ConfigError, GRPOError, RunInterrupted
 
+try:  # recent typer releases carry their own copy of click
+    from typer._click import exceptions as click_errors
+except ImportError:  # typer on the PyPI click
+    from click import exceptions as click_errors
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Group Relative Policy Optimization.")
 console = Console(stderr=True, soft_wrap=True)  # a log file gets whole lines: paths stay whole
 
@@ -317,8 +322,22 @@ def quiet_libraries() -> None:
 
 
 def main() -> None:
+    """The `grpo` command. A flag that does not exist or a value its type refuses ends, as all bad input
+    does, with one line and exit code 2 (click's own usage box would take six)."""
     quiet_libraries()
-    app()
+    try:
+        code = app(prog_name="grpo", standalone_mode=False)
+    except click_errors.NoArgsIsHelpError as shown:
+        shown.show()  # `grpo` alone: the help
+        raise SystemExit(2) from None
+    except click_errors.UsageError as error:
+        command = error.ctx.command_path if error.ctx is not None else "grpo"
+        message = " ".join(error.format_message().split())
+        print(f"error: {command}: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except click_errors.Abort:
+        raise SystemExit(130) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
