@@ -101,6 +101,8 @@ def test_kl_explosion_fires_on_a_high_kl_or_a_tenfold_jump():
     assert "jumped from 0.0100 to 0.2000 per token (20×)" in finding.message
     # Early growth by large factors from near zero is normal.
     assert kl_explosion(healthy(kl=lambda step: 0.0 if step < 6 else 0.004)) is None
+    # The first climb from 0, as in the default run: 0.005 over five steps, then 0.10.
+    assert kl_explosion(healthy(kl=lambda step: 0.005 if step <= 25 else 0.101)) is None
     assert kl_explosion(healthy(kl=lambda step: 0.001 * step)) is None
 
 

@@ -44,11 +44,13 @@ TRUNCATED_SHARE = 0.5
 
 # KL (per completion token, to the reference): a stable run stays around 0.001–0.1. Half a nat per token
 # means the policy's choices differ from the reference's on most tokens. A tenfold jump between two
-# consecutive windows is an explosion too, once it matters (above KL_JUMP_FLOOR: the KL starts at 0, so
-# early growth by large factors is normal).
+# consecutive windows is an explosion too, once it matters (above KL_JUMP_FLOOR) and from a KL that had
+# settled (at least KL_JUMP_BASE): the KL starts at 0, so its first climb grows by large factors in a healthy
+# run (the default run's went from 0.005 over steps 1–5 to 0.10 over steps 6–10).
 KL_HIGH = 0.5
 KL_JUMP = 10.0
 KL_JUMP_FLOOR = 0.1
+KL_JUMP_BASE = 0.01
 
 # Entropy (nats per completion token; logged when top_entropy_quantile < 1): below the floor the policy
 # samples nearly the same tokens every time; a fall to a tenth of its start is a collapse in progress.
@@ -175,7 +177,7 @@ def kl_explosion(history: Metrics) -> Finding | None:
             "learning_rate.",
         )
     previous = _mean(_values(history[-2 * WINDOW : -WINDOW], "kl")) if len(history) > WINDOW else None
-    if previous is not None and previous > 0 and recent >= KL_JUMP_FLOOR and recent >= KL_JUMP * previous:
+    if previous is not None and previous >= KL_JUMP_BASE and recent >= max(KL_JUMP_FLOOR, KL_JUMP * previous):
         return Finding(
             "kl_explosion",
             step,

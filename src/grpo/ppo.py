@@ -36,7 +36,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import get_scheduler
 from transformers.cache_utils import Cache
 
 from grpo.checkpoint import CHECKPOINT_PREFIX, prune_checkpoints, save_checkpoint
@@ -233,19 +232,7 @@ class PPOTrainer(GRPOTrainer):
             self.device
         )
         # GRPOTrainer's optimizer and schedule cover the policy only: both are rebuilt with the head.
-        params = [*trainable_parameters(self.policy).values(), *self.value_head.parameters()]
-        self.optimizer = torch.optim.AdamW(
-            params,
-            lr=config.learning_rate,
-            betas=(config.adam_beta1, config.adam_beta2),
-            weight_decay=config.weight_decay,
-        )
-        self.scheduler = get_scheduler(
-            config.lr_scheduler_type,
-            self.optimizer,
-            num_warmup_steps=config.warmup_steps,
-            num_training_steps=config.max_steps * config.num_iterations,
-        )
+        self.build_optimizer([*trainable_parameters(self.policy).values(), *self.value_head.parameters()])
 
     @property
     def value_head_parameters(self) -> int:

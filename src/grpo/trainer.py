@@ -156,19 +156,7 @@ class GRPOTrainer:
         self.notify = notify or (lambda message: print(message, file=sys.stderr))
         self.sampler = PromptSampler(train_rows, config.prompts_per_step, config.seed, config.shuffle_dataset)
         self.step = 0
-        params = list(trainable_parameters(self.policy).values())
-        self.optimizer = torch.optim.AdamW(
-            params,
-            lr=config.learning_rate,
-            betas=(config.adam_beta1, config.adam_beta2),
-            weight_decay=config.weight_decay,
-        )
-        self.scheduler = get_scheduler(
-            config.lr_scheduler_type,
-            self.optimizer,
-            num_warmup_steps=config.warmup_steps,
-            num_training_steps=config.max_steps * config.num_iterations,
-        )
+        self.build_optimizer(list(trainable_parameters(self.policy).values()))
         self.device = next(self.policy.parameters()).device
         self.generation_batch_size = config.generation_batch_size
         self.logged: list[dict[str, float]] = []  # the lines of metrics.jsonl
@@ -180,6 +168,19 @@ class GRPOTrainer:
         self.last_batch: ScoredBatch | None = None  # the batch behind the latest metrics, for samples.jsonl
         self.tensorboard: Any = None  # a SummaryWriter while train() runs, under report_to "tensorboard"
         self.watch = Watch()  # the diagnostic warnings shown so far (each once, until it clears)
+
+    def build_optimizer(self, params: list[torch.Tensor]) -> None:
+        """AdamW over ``params`` and its learning-rate schedule, one scheduler step per optimizer update."""
+        c = self.config
+        self.optimizer = torch.optim.AdamW(
+            params, lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2), weight_decay=c.weight_decay
+        )
+        self.scheduler = get_scheduler(
+            c.lr_scheduler_type,
+            self.optimizer,
+            num_warmup_steps=c.warmup_steps,
+            num_training_steps=c.max_steps * c.num_iterations,
+        )
 
     # --- one step ----------------------------------------------------------------------------------------
     def sample_and_score(self, rows: list[Row]) -> ScoredBatch:
