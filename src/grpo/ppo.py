@@ -36,7 +36,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers.cache_utils import Cache
 
 from grpo.checkpoint import CHECKPOINT_PREFIX, prune_checkpoints, save_checkpoint
 from grpo.config import GRPOConfig, to_dict
@@ -45,12 +44,7 @@ from grpo.errors import CheckpointError
 from grpo.losses import policy_loss
 from grpo.models import PolicyAndReference, trainable_parameters
 from grpo.rewards import Reward
-from grpo.rollout import (
-    PromptPrefixLayer,
-    checkpointing_flags,
-    prompt_positions,
-    token_logps,
-)
+from grpo.rollout import shared_prompt_forward, token_logps
 from grpo.trainer import GRPOTrainer, _StopNow
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -141,43 +135,19 @@ def completion_logps_and_values(
     before it (the prompt's last position for the first token), as in TRL. So the critic costs no extra
     forward pass, and its gradient reaches the backbone through those hidden states.
     """
-    used, local_index = torch.unique(prompt_index, return_inverse=True)
-    prompt_ids, prompt_mask = prompt_ids[used], prompt_mask[used]
-    positions = prompt_positions(prompt_mask)
-    with checkpointing_flags(model, gradient_checkpointing=False):
-        out = model(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-            output_hidden_states=True,
-        )
-    prefix = Cache(
-        layers=[
-            PromptPrefixLayer.holding(layer.keys[local_index], layer.values[local_index])
-            for layer in out.past_key_values.layers
-        ]
+    out = shared_prompt_forward(
+        model,
+        prompt_ids,
+        prompt_mask,
+        prompt_index,
+        completion_ids,
+        completion_mask,
+        output_hidden_states=True,
     )
-    width = completion_ids.shape[1]
-    attention_mask = torch.cat([prompt_mask[local_index], completion_mask.to(prompt_mask.dtype)], dim=1)
-    completion_positions = positions[local_index, -1:] + 1 + torch.arange(width, device=positions.device)
-    logps = [token_logps(out.logits[local_index, -1:], completion_ids[:, :1], temperature, True)]
-    hidden = [out.hidden_states[-1][local_index, -1:]]
-    if width > 1:
-        with checkpointing_flags(model, _can_checkpoint_with_cache=True):
-            rest = model(
-                input_ids=completion_ids[:, :-1],
-                attention_mask=attention_mask[:, :-1],
-                position_ids=completion_positions[:, :-1],
-                past_key_values=prefix,
-                use_cache=False,
-                output_hidden_states=True,
-            )
-        logps.append(token_logps(rest.logits, completion_ids[:, 1:], temperature, reuse_logits=True))
-        hidden.append(rest.hidden_states[-1])
-    states = torch.cat(hidden, dim=1)
-    values = value_head(states.to(value_head.weight.dtype)).squeeze(-1)
+    logps = [token_logps(out.first_logits, completion_ids[:, :1], temperature, True)]
+    if out.rest_logits is not None:
+        logps.append(token_logps(out.rest_logits, completion_ids[:, 1:], temperature, reuse_logits=True))
+    values = value_head(out.hidden_states.to(value_head.weight.dtype)).squeeze(-1)
     return torch.cat(logps, dim=1), values
 
 

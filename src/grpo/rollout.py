@@ -480,6 +480,70 @@ def checkpointing_flags(model: nn.Module, **flags: bool) -> Iterator[None]:
             layer.__dict__.update(before)
 
 
+@dataclass
+class SharedPromptOutputs:
+    """What the model says at each completion token's position, from :func:`shared_prompt_forward`."""
+
+    first_logits: torch.Tensor  # (B, 1, V): the prompt's last position, which predicts the first token
+    rest_logits: torch.Tensor | None  # (B, C − 1, V): the completion's positions that predict the rest
+    hidden_states: torch.Tensor | None  # (B, C, H): the final hidden states behind those logits, if asked
+
+
+def shared_prompt_forward(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    prompt_index: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    output_hidden_states: bool = False,
+) -> SharedPromptOutputs:
+    """The forward passes behind :func:`completion_logps`: each distinct prompt run once, its key/value
+    cache gathered to one row per completion, then the completion tokens against it. The first completion
+    token is predicted by the prompt's last position; the last one predicts nothing we need, so it is not
+    fed in. With ``output_hidden_states`` also the final hidden state at each of those positions (PPO's
+    value head reads them)."""
+    used, local_index = torch.unique(prompt_index, return_inverse=True)
+    prompt_ids, prompt_mask = prompt_ids[used], prompt_mask[used]
+    positions = prompt_positions(prompt_mask)
+    with checkpointing_flags(model, gradient_checkpointing=False):
+        out = model(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            output_hidden_states=output_hidden_states,
+        )
+    prefix = Cache(
+        layers=[
+            PromptPrefixLayer.holding(layer.keys[local_index], layer.values[local_index])
+            for layer in out.past_key_values.layers
+        ]
+    )
+    width = completion_ids.shape[1]
+    attention_mask = torch.cat([prompt_mask[local_index], completion_mask.to(prompt_mask.dtype)], dim=1)
+    completion_positions = positions[local_index, -1:] + 1 + torch.arange(width, device=positions.device)
+    hidden = [out.hidden_states[-1][local_index, -1:]] if output_hidden_states else []
+    rest_logits = None
+    if width > 1:
+        with checkpointing_flags(model, _can_checkpoint_with_cache=True):
+            rest = model(
+                input_ids=completion_ids[:, :-1],
+                attention_mask=attention_mask[:, :-1],
+                position_ids=completion_positions[:, :-1],
+                past_key_values=prefix,  # read whatever use_cache says
+                use_cache=False,
+                output_hidden_states=output_hidden_states,
+            )
+        rest_logits = rest.logits
+        if output_hidden_states:
+            hidden.append(rest.hidden_states[-1])
+    return SharedPromptOutputs(
+        out.logits[local_index, -1:], rest_logits, torch.cat(hidden, dim=1) if hidden else None
+    )
+
+
 def completion_logps(
     model: nn.Module,
     prompt_ids: torch.Tensor,
@@ -503,41 +567,11 @@ def completion_logps(
     it, and the completions' layers are recomputed in the backward pass reading the same prompt cache:
     transformers' own checkpointing would drop the cache and run each prompt once per completion.
     """
-    used, local_index = torch.unique(prompt_index, return_inverse=True)
-    prompt_ids, prompt_mask = prompt_ids[used], prompt_mask[used]
-    positions = prompt_positions(prompt_mask)
-    with checkpointing_flags(model, gradient_checkpointing=False):
-        out = model(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-    prefix = Cache(
-        layers=[
-            PromptPrefixLayer.holding(layer.keys[local_index], layer.values[local_index])
-            for layer in out.past_key_values.layers
-        ]
-    )
-    width = completion_ids.shape[1]
-    attention_mask = torch.cat([prompt_mask[local_index], completion_mask.to(prompt_mask.dtype)], dim=1)
-    completion_positions = positions[local_index, -1:] + 1 + torch.arange(width, device=positions.device)
-    # The first completion token is predicted by the prompt's last position; the last completion token
-    # predicts nothing we need, so it is not fed in. Log-probs are joined, not the (much larger) logits.
-    pieces = [
-        token_logps(out.logits[local_index, -1:], completion_ids[:, :1], temperature, True, with_entropy)
-    ]
-    if width > 1:
-        with checkpointing_flags(model, _can_checkpoint_with_cache=True):
-            rest = model(
-                input_ids=completion_ids[:, :-1],
-                attention_mask=attention_mask[:, :-1],
-                position_ids=completion_positions[:, :-1],
-                past_key_values=prefix,  # read whatever use_cache says
-                use_cache=False,
-            ).logits
-        pieces.append(token_logps(rest, completion_ids[:, 1:], temperature, True, with_entropy))
+    out = shared_prompt_forward(model, prompt_ids, prompt_mask, prompt_index, completion_ids, completion_mask)
+    # Log-probs are joined, not the (much larger) logits.
+    pieces = [token_logps(out.first_logits, completion_ids[:, :1], temperature, True, with_entropy)]
+    if out.rest_logits is not None:
+        pieces.append(token_logps(out.rest_logits, completion_ids[:, 1:], temperature, True, with_entropy))
     if with_entropy:
         return torch.cat([p[0] for p in pieces], dim=1), torch.cat([p[1] for p in pieces], dim=1)
     return torch.cat(pieces, dim=1)
