@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from grpo.cli import app
-from grpo.compare import markdown_table, plan, spread
+from grpo.compare import markdown_table, plan, plot_series, spread
 
 TINY_TRAIN = {
     "num_generations": 4,
@@ -177,3 +177,29 @@ def test_every_run_gets_the_same_budget_model_and_seed(tiny_model, tmp_path):
     for r in runs:
         assert r.settings["max_steps"] == 2 and r.settings["model_name_or_path"] == str(tiny_model)
         assert r.settings["dataset"] == "arithmetic" and r.directory.name == f"{r.method}-seed{r.seed}"
+
+
+def test_plot_lines_take_a_colour_per_method_and_a_line_style_per_seed():
+    def run_row(method: str, seed: int) -> dict:
+        return {"method": method, "seed": seed, "curves": {"reward": [[1, 5.0, 0.5], [2, 9.0, 0.7]]}}
+
+    results = {
+        "seeds": [1, 2],
+        "method_order": ["grpo", "ppo"],
+        "methods": {},
+        "runs": [run_row(m, s) for m in ("grpo", "ppo") for s in (1, 2)],
+    }
+    series, styles = plot_series(results, "reward", 1)
+    assert [label for label, _, _ in series] == [
+        "grpo (seed 1)",
+        "grpo (seed 2)",
+        "ppo (seed 1)",
+        "ppo (seed 2)",
+    ]
+    assert series[0][1:] == ([5.0, 9.0], [0.5, 0.7]), "x is the training time, y the value"
+    assert [(s["color"], s["linestyle"]) for s in styles] == [
+        ("C0", "-"),
+        ("C0", "--"),
+        ("C1", "-"),
+        ("C1", "--"),
+    ]

@@ -212,7 +212,7 @@ def run_comparison(path: str | Path, console: Console) -> dict[str, Any]:
     results["wall_seconds"] = round(time.perf_counter() - started, 1)
     write_json_atomic(plan_.root / "comparison.json", results)
     write_text_atomic(plan_.root / "comparison.md", markdown_table(results))
-    write_plots(plan_, results)
+    write_plots(plan_.root, results)
     from grpo.report import write_comparison_report
 
     write_comparison_report(plan_.root, results)
@@ -330,15 +330,30 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n" + note
 
 
-def plot_series(results: dict[str, Any], curve: str, axis: int) -> list[tuple[str, list[float], list[float]]]:
-    """One line per run: x is the step (axis 0) or training seconds (axis 1)."""
-    series = []
+SEED_LINES = ("-", "--", ":", "-.")
+
+
+def plot_series(
+    results: dict[str, Any], curve: str, axis: int
+) -> tuple[list[tuple[str, list[float], list[float]]], list[dict[str, Any]]]:
+    """One line per run, x the step (axis 0) or training seconds (axis 1), and each line's style: a colour
+    per method, a line style per seed."""
+    methods = results.get("method_order") or list(results["methods"])
+    seeds = results["seeds"]
+    series, styles = [], []
     for row in results["runs"]:
         points = [p for p in row["curves"][curve] if p[2] is not None and math.isfinite(p[axis])]
         if points:
-            label = row["method"] if len(results["seeds"]) == 1 else f"{row['method']} (seed {row['seed']})"
+            label = row["method"] if len(seeds) == 1 else f"{row['method']} (seed {row['seed']})"
             series.append((label, [p[axis] for p in points], [p[2] for p in points]))
-    return series
+            styles.append(
+                {
+                    "color": f"C{methods.index(row['method']) % 10}",
+                    "linestyle": SEED_LINES[seeds.index(row["seed"]) % len(SEED_LINES)],
+                    "linewidth": 1.6,
+                }
+            )
+    return series, styles
 
 
 PLOTS = (
@@ -349,11 +364,12 @@ PLOTS = (
 )
 
 
-def write_plots(plan_: Plan, results: dict[str, Any]) -> None:
+def write_plots(root: Path, results: dict[str, Any]) -> None:
     from grpo.report import plot_svg
 
     for name, curve, axis, ylabel, xlabel in PLOTS:
-        series = plot_series(results, curve, axis)
+        series, styles = plot_series(results, curve, axis)
         if series:
-            svg = plot_svg(name, series, ylabel, markers=curve == "held_out_solved", xlabel=xlabel)
-            write_text_atomic(plan_.root / f"{name}.svg", svg)
+            held_out = curve == "held_out_solved"
+            svg = plot_svg(name, series, ylabel, markers=held_out, xlabel=xlabel, styles=styles)
+            write_text_atomic(root / f"{name}.svg", svg)

@@ -422,10 +422,16 @@ def _held_out_series(run: RunFiles) -> list[Series | None]:
 
 
 def plot_svg(
-    plot_id: str, series: list[Series], ylabel: str, markers: bool = False, xlabel: str = "step"
+    plot_id: str,
+    series: list[Series],
+    ylabel: str,
+    markers: bool = False,
+    xlabel: str = "step",
+    styles: list[dict[str, Any]] | None = None,
 ) -> str:
     """A line plot as an inline <svg> element: text drawn as paths (no fonts needed), its element ids
-    prefixed with ``plot_id`` so that several plots on one page never share one."""
+    prefixed with ``plot_id`` so that several plots on one page never share one. ``styles``: matplotlib
+    line settings per series (colour, line style, width), over the defaults (the first series thicker)."""
     import matplotlib
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -435,14 +441,13 @@ def plot_svg(
         axes = figure.add_subplot()
         few = max(len(xs) for _, xs, _ in series) <= 30
         for number, (label, xs, ys) in enumerate(series):
-            axes.plot(
-                xs,
-                ys,
-                label=label,
-                linewidth=2.0 if number == 0 else 1.3,
-                marker="o" if markers or few else None,
-                markersize=4 if markers or few else 0,
-            )
+            style = {
+                "linewidth": 2.0 if number == 0 else 1.3,
+                "marker": "o" if markers or few else None,
+                "markersize": 4 if markers or few else 0,
+                **(styles[number] if styles else {}),
+            }
+            axes.plot(xs, ys, label=label, **style)
         axes.set_xlabel(xlabel)
         axes.set_ylabel(ylabel)
         if xlabel == "step":
