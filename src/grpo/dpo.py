@@ -41,7 +41,7 @@ from grpo import fused
 from grpo.checkpoint import latest_checkpoint
 from grpo.config import DPOConfig
 from grpo.data import render_prompt
-from grpo.errors import ConfigError, DataError, ModelError, RunFailed
+from grpo.errors import ConfigError, DataError, ModelError
 from grpo.files import remove_leftovers, write_json_atomic, write_text_atomic
 from grpo.models import (
     PolicyAndReference,
@@ -53,7 +53,7 @@ from grpo.models import (
 )
 from grpo.preferences import PairRow, is_builtin, load_pairs
 from grpo.rollout import completion_logps
-from grpo.run import FINAL_MODEL, peak_memory_mb, seed_everything, step_progress
+from grpo.run import FINAL_MODEL, apply_update, peak_memory_mb, seed_everything, step_progress
 from grpo.trainer import METRICS_FILE
 
 
@@ -324,17 +324,9 @@ class DPOTrainer:
             }
             for key, value in metrics.items():
                 sums[key] += value * share
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm or math.inf).item()
-        if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
-            raise RunFailed(
-                f"step {self.step + 1}: the loss ({sums['loss']}) or the gradient norm ({grad_norm}) is not "
-                "finite; lower learning_rate"
-            )
-        learning_rate = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm, learning_rate = apply_update(
+            self.optimizer, self.scheduler, c.max_grad_norm, sums["loss"], self.step + 1
+        )
         self.step += 1
         return {
             **sums,

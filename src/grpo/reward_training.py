@@ -31,7 +31,7 @@ from rich.console import Console
 from torch import nn
 
 from grpo.config import RewardModelConfig
-from grpo.errors import DataError, ModelError, RunFailed
+from grpo.errors import DataError, ModelError
 from grpo.files import remove_leftovers, write_json_atomic, write_text_atomic
 from grpo.models import (
     enable_checkpointing,
@@ -44,7 +44,7 @@ from grpo.models import (
 )
 from grpo.preferences import PairRow, is_builtin, load_pairs
 from grpo.rewards.model import RewardModelScorer
-from grpo.run import FINAL_MODEL, peak_memory_mb, seed_everything, step_progress
+from grpo.run import FINAL_MODEL, apply_update, peak_memory_mb, seed_everything, step_progress
 from grpo.trainer import METRICS_FILE
 
 EncodedPair = tuple[list[int], list[int]]  # token ids of (prompt + chosen, prompt + rejected)
@@ -208,16 +208,9 @@ def train_pairs(
             (loss * share).backward()
             for key, value in {"loss": loss.item(), **metrics}.items():
                 sums[key] += value * share
-        grad_norm = nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf).item()
-        if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
-            raise RunFailed(
-                f"step {step}: the loss ({sums['loss']}) or gradient norm ({grad_norm}) is not finite; "
-                "lower learning_rate"
-            )
-        learning_rate = scheduler.get_last_lr()[0]  # the rate this update uses
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm, learning_rate = apply_update(
+            optimizer, scheduler, config.max_grad_norm, sums["loss"], step
+        )
         seen += len(batch)
         window.append({**sums, "grad_norm": grad_norm, "step_time": time.perf_counter() - started})
         if step % config.logging_steps == 0 or step == steps:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import resource
 import statistics
@@ -22,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from grpo.checkpoint import CHECKPOINT_PREFIX, TRAINER_STATE, latest_checkpoint, read_trainer_state
 from grpo.config import GRPOConfig, to_dict
 from grpo.data import Row, load_rows, render_prompt
-from grpo.errors import CheckpointError, ConfigError, DataError, ModelError
+from grpo.errors import CheckpointError, ConfigError, DataError, ModelError, RunFailed
 from grpo.eval import evaluate
 from grpo.files import remove_leftovers, write_json_atomic, write_text_atomic
 from grpo.models import (
@@ -138,6 +139,26 @@ def step_progress(
                 console.print(f"step {step}/{total}  {info}")
 
         yield show
+
+
+def apply_update(
+    optimizer: torch.optim.Optimizer, scheduler: Any, max_grad_norm: float, loss: float, step: int
+) -> tuple[float, float]:
+    """The supervised stages' optimizer update (SFT, reward model, DPO): clip the accumulated gradient, stop
+    the run on a non-finite loss or gradient, step the optimizer and the schedule. Returns the gradient norm
+    and the learning rate the update used."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf).item()
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise RunFailed(
+            f"step {step}: the loss ({loss}) or the gradient norm ({grad_norm}) is not finite; "
+            "lower learning_rate"
+        )
+    learning_rate = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, learning_rate
 
 
 def checkpoint_to_resume(config: GRPOConfig, output_dir: Path) -> Path | None:

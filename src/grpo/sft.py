@@ -32,7 +32,7 @@ from transformers import get_scheduler
 
 from grpo.config import SFTConfig
 from grpo.data import FILE_SUFFIXES, Row, _read_file, _read_hub, check_row, render_prompt
-from grpo.errors import DataError, ModelError, RunFailed
+from grpo.errors import DataError, ModelError
 from grpo.files import remove_leftovers, write_json_atomic, write_text_atomic
 from grpo.models import (
     enable_checkpointing,
@@ -45,7 +45,7 @@ from grpo.models import (
     wrap_lora,
 )
 from grpo.rollout import token_logps
-from grpo.run import FINAL_MODEL, step_progress
+from grpo.run import FINAL_MODEL, apply_update, step_progress
 from grpo.tasks import DEMONSTRATIONS
 from grpo.trainer import METRICS_FILE
 
@@ -344,7 +344,6 @@ def train(
     scheduler = get_scheduler(
         config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=steps
     )
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     batches = step_batches(
         len(examples), config.per_device_train_batch_size * config.gradient_accumulation_steps, config.seed
     )
@@ -356,16 +355,7 @@ def train(
         started = time.perf_counter()
         batch = [examples[i] for i in next(batches)]
         loss = accumulate_gradients(model, batch, config.per_device_train_batch_size, pad_token_id)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf).item()
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            raise RunFailed(
-                f"step {step}: the loss ({loss}) or the gradient norm ({grad_norm}) is not finite; "
-                "lower learning_rate"
-            )
-        learning_rate = scheduler.get_last_lr()[0]  # the rate this update uses
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm, learning_rate = apply_update(optimizer, scheduler, config.max_grad_norm, loss, step)
         tokens = sum(len(example.input_ids) for example in batch)
         num_tokens += tokens
         step_time = time.perf_counter() - started
