@@ -168,7 +168,7 @@ def test_ppo_steps_train_the_policy_and_fit_the_critic(tiny_model, tiny_dataset,
     # One batch, trained on again and again: the critic regresses on returns that only it and the policy's
     # KL move, so its loss must fall (with fresh samples each step it would fall, but noisily).
     batch = trainer.sample_and_score(trainer.sampler.batch(0))
-    trainer.sample_and_score = lambda rows: batch
+    trainer.sample_and_score = lambda rows, seeds=None: batch
     lines = trainer.train()
 
     assert [m["step"] for m in lines] == list(range(1, 9))

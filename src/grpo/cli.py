@@ -122,7 +122,8 @@ def train(config: GRPOConfig) -> None:
     from grpo.run import run_training
 
     summary = run_training(config, console)
-    print(json.dumps(summary, indent=1))
+    if summary:  # (the other ranks of a distributed run return none: the first one reports)
+        print(json.dumps(summary, indent=1))
 
 
 @app.command()

@@ -206,6 +206,13 @@ class PolicyAndReference:
         else:
             yield self._reference
 
+    def to(self, device: torch.device) -> PolicyAndReference:
+        """Move the policy and a reference copy to ``device``."""
+        self.policy.to(device)
+        if self._reference is not None:
+            self._reference.to(device)
+        return self
+
     @property
     def reference_model(self) -> nn.Module | None:
         """The frozen copy under full fine-tuning (None under LoRA or without a reference)."""

@@ -40,6 +40,7 @@ from torch import nn
 from grpo.checkpoint import CHECKPOINT_PREFIX, prune_checkpoints, save_checkpoint
 from grpo.config import GRPOConfig, to_dict
 from grpo.data import Row
+from grpo.distributed import Ranks
 from grpo.errors import CheckpointError
 from grpo.losses import policy_loss
 from grpo.models import PolicyAndReference, trainable_parameters
@@ -195,8 +196,9 @@ class PPOTrainer(GRPOTrainer):
         output_dir: Path,
         on_step: Callable[[int, dict[str, float]], None] | None = None,
         notify: Callable[[str], None] | None = None,
+        ranks: Ranks | None = None,
     ):
-        super().__init__(config, models, tokenizer, rewards, train_rows, output_dir, on_step, notify)
+        super().__init__(config, models, tokenizer, rewards, train_rows, output_dir, on_step, notify, ranks)
         hidden_size = self.policy.config.get_text_config().hidden_size
         self.value_head = make_value_head(hidden_size, config.value_head_init_std, config.seed).to(
             self.device
@@ -280,7 +282,7 @@ class PPOTrainer(GRPOTrainer):
         self.step += 1
         step_time = time.perf_counter() - started
         batch = replace(batch, advantages=advantages.cpu())  # "advantage/…" report the advantages used
-        m = self._step_metrics(batch, loss_mask, sums, grad_norms, generation_time, step_time)
+        m = self._step_metrics(batch, sums, grad_norms, generation_time, step_time)
         m["kl"] = masked_mean(kl, loss_mask).item()  # k1 of the rewards' penalty; policy_loss's has β = 0
         m["value/mean"] = masked_mean(old_values, loss_mask).item()
         m["returns/mean"] = masked_mean(returns, loss_mask).item()
@@ -289,8 +291,9 @@ class PPOTrainer(GRPOTrainer):
         return m
 
     # --- checkpoints -------------------------------------------------------------------------------------
-    def save(self, rng_state: dict | None = None) -> Path:
-        """GRPOTrainer's checkpoint with ``value_head.safetensors`` beside the weights, written atomically."""
+    def save(self, rng_state: dict | None = None, wait: bool = True) -> Path:
+        """GRPOTrainer's checkpoint with ``value_head.safetensors`` beside the weights, written atomically
+        (PPO runs in one process, so there is no one to wait for)."""
         state = {"step": self.step, "config": to_dict(self.config)}
         directory = save_checkpoint(
             self.output_dir / f"{CHECKPOINT_PREFIX}{self.step}",

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
 from grpo.errors import DataError
-from grpo.fused import FusedDecoder, sampling_decoder
+from grpo.fused import FusedDecoder
+
+if TYPE_CHECKING:
+    from grpo.generation import GenerationBackend
 
 
 @dataclass
@@ -26,7 +29,9 @@ class Rollout:
     truncated: torch.Tensor  # (N,) bool: stopped by max_completion_length, not by the model
     texts: list[str]  # decoded completions, special tokens removed
     num_generations: int
-    sampling_logps: torch.Tensor  # (N, C): log-probs of the tokens under the (temperature-scaled) sampler
+    # (N, C): log-probs of the tokens under the (temperature-scaled) sampler; None when the backend that
+    # sampled cannot give them (the trainer then computes them with a forward pass of the policy)
+    sampling_logps: torch.Tensor | None
     pad_id: int = 0  # fills completion_ids past each completion's end
 
     @property
@@ -49,7 +54,7 @@ class Rollout:
             self.truncated[rows],
             [self.texts[r] for r in rows],
             self.num_generations,
-            self.sampling_logps[rows],
+            None if self.sampling_logps is None else self.sampling_logps[rows],
             self.pad_id,
         )
 
@@ -66,6 +71,7 @@ class Rollout:
             return nn.functional.pad(t, (0, width - t.shape[1]), value=value)
 
         first = parts[0]
+        known = all(p.sampling_logps is not None for p in parts)
         return Rollout(
             torch.cat([left(p.prompt_ids, first.pad_id) for p in parts]),
             torch.cat([left(p.prompt_mask, 0) for p in parts]),
@@ -74,7 +80,7 @@ class Rollout:
             torch.cat([p.truncated for p in parts]),
             [text for p in parts for text in p.texts],
             first.num_generations,
-            torch.cat([right(p.sampling_logps, 0.0) for p in parts]),
+            torch.cat([right(p.sampling_logps, 0.0) for p in parts]) if known else None,
             first.pad_id,
         )
 
@@ -115,53 +121,49 @@ def generate(
     greedy: bool = False,
     batch_size: int | None = None,
     fused: bool = True,
+    seeds: Sequence[int] | None = None,
+    backend: GenerationBackend | None = None,
 ) -> Rollout:
     """Sample ``num_generations`` completions for each prompt (greedy when ``greedy``).
 
-    ``batch_size`` bounds the completions decoded at once (default: all); it is rounded to whole groups.
-    ``fused`` decodes through :class:`grpo.fused.FusedDecoder` where the model supports it.
+    ``backend`` does the sampling (default: grpo's own loop on ``model``, see
+    :class:`grpo.generation.DefaultBackend`); whichever it is, its completions get the same masks, truncation
+    flags and texts here. ``batch_size`` bounds the completions decoded at once (default: all); it is rounded
+    to whole groups. ``fused`` decodes through :class:`grpo.fused.FusedDecoder` where the model supports it
+    (default backend only). ``seeds`` (one per prompt) makes each group draw its randomness from its own
+    seed, so that a prompt's completions do not depend on which other prompts are sampled with it, or in
+    which process; without them the global random generator is used.
     """
+    if seeds is not None and len(seeds) != len(prompt_texts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompt_texts)} prompts")
+    if backend is None:
+        from grpo.generation import DefaultBackend  # grpo.generation imports this module
+
+        backend = DefaultBackend(model, fused=fused)
     prompt_ids, prompt_mask = tokenize_prompts(tokenizer, prompt_texts, max_prompt_length)
     stops = stop_token_ids(model, tokenizer)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    prompts_at_once = max(1, (batch_size or len(prompt_ids) * num_generations) // num_generations)
-    decoder = sampling_decoder(model, prompts_at_once * num_generations) if fused else None
-    pieces = []
-    try:
-        for start in range(0, len(prompt_ids), prompts_at_once):
-            pieces.append(
-                sample_completions(
-                    model,
-                    prompt_ids[start : start + prompts_at_once].to(device),
-                    prompt_mask[start : start + prompts_at_once].to(device),
-                    num_generations=num_generations,
-                    max_new_tokens=max_completion_length,
-                    stop_ids=stops,
-                    pad_id=tokenizer.pad_token_id,
-                    temperature=temperature,
-                    top_p=top_p,
-                    top_k=top_k,
-                    greedy=greedy,
-                    decoder=decoder,
-                )
-            )
-    finally:
-        del decoder  # its weight copies are needed no longer
-        model.train(was_training)
-
-    width = max(ids.shape[1] for ids, _ in pieces)
-    completion_ids = torch.cat(
-        [
-            nn.functional.pad(ids.cpu(), (0, width - ids.shape[1]), value=tokenizer.pad_token_id)
-            for ids, _ in pieces
-        ]
+    completion_ids, sampling_logps = backend.sample(
+        prompt_ids,
+        prompt_mask,
+        num_generations=num_generations,
+        max_new_tokens=max_completion_length,
+        stop_ids=stops,
+        pad_id=tokenizer.pad_token_id,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        greedy=greedy,
+        seeds=None if seeds is None else list(seeds),
+        batch_size=batch_size,
     )
-    sampling_logps = torch.cat([nn.functional.pad(lp.cpu(), (0, width - lp.shape[1])) for _, lp in pieces])
+    completion_ids = completion_ids.cpu()
     completion_mask, truncated = completion_mask_and_truncation(completion_ids, stops)
-    visible = torch.where(completion_mask.bool(), completion_ids, tokenizer.pad_token_id)
-    texts = tokenizer.batch_decode(visible, skip_special_tokens=True)
+    present = completion_mask.bool()
+    # Whatever a backend leaves after a completion's stop token is padding here.
+    completion_ids = torch.where(present, completion_ids, tokenizer.pad_token_id)
+    if sampling_logps is not None:
+        sampling_logps = torch.where(present, sampling_logps.cpu(), 0.0)
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     return Rollout(
         prompt_ids,
         prompt_mask,
@@ -173,6 +175,16 @@ def generate(
         sampling_logps,
         tokenizer.pad_token_id,
     )
+
+
+def group_uniforms(seeds: Sequence[int], num_generations: int, steps: int) -> torch.Tensor:
+    """(len(seeds) × G, steps) uniform numbers in [0, 1): the random draws of each completion at each decoding
+    step, group i's from a generator seeded with ``seeds[i]`` alone. Drawn on the CPU, so that they are the
+    same whatever the device that decodes."""
+    draws = [
+        torch.rand((num_generations, steps), generator=torch.Generator().manual_seed(seed)) for seed in seeds
+    ]
+    return torch.cat(draws) if draws else torch.empty((0, steps))
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -309,6 +321,7 @@ def sample_completions(
     top_k: int = 0,
     greedy: bool = False,
     decoder: FusedDecoder | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode completions (N = prompts × G, width ≤ max_new_tokens), padded with ``pad_id`` after a stop,
     and the log-probs of the chosen tokens under the temperature-scaled (unfiltered) distribution: the
@@ -317,6 +330,8 @@ def sample_completions(
     Each prompt is prefilled once and its key/value cache copied for its G completions, and a row that
     has stopped leaves the batch at once, so no step is spent on prompts twice or on finished rows. With a
     ``decoder`` (the model's weights, fused) the steps run through it instead of the model's own forward.
+    ``uniforms`` (N, max_new_tokens), from :func:`group_uniforms`, are each completion's random draws, one per
+    step (default: the global generator's, through ``torch.multinomial``).
     """
     capacity = prompt_ids.shape[1] + max_new_tokens
     steps = FusedSteps(decoder, capacity) if decoder is not None else TransformersSteps(model, capacity)
@@ -333,7 +348,10 @@ def sample_completions(
     active = torch.arange(total, device=prompt_ids.device)
     stops = torch.tensor(stop_ids, device=prompt_ids.device)
     for step in range(max_new_tokens):
-        chosen = pick_tokens(logits, temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy)
+        draws = None if uniforms is None else uniforms[active, step]
+        chosen = pick_tokens(
+            logits, temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy, uniforms=draws
+        )
         tokens[active, step] = chosen
         logps[active, step] = token_logps(logits, chosen, temperature)
         running = ~torch.isin(chosen, stops)
@@ -350,9 +368,20 @@ def sample_completions(
 
 
 def pick_tokens(
-    logits: torch.Tensor, *, temperature: float, top_p: float, top_k: int, greedy: bool
+    logits: torch.Tensor,
+    *,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    greedy: bool,
+    uniforms: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Greedy or sampled next tokens from (B, V) logits, with temperature, top-k and top-p filtering."""
+    """Greedy or sampled next tokens from (B, V) logits, with temperature, top-k and top-p filtering.
+
+    Sampling draws from the global generator (``torch.multinomial``), or, given ``uniforms`` (B,) in [0, 1),
+    takes row b's token by inverting its cumulative distribution at ``uniforms[b]``: each row's pick then
+    depends on its own draw alone, not on the other rows of the batch.
+    """
     if greedy:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -366,7 +395,14 @@ def pick_tokens(
         drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), num_samples=1).squeeze(1)
+    probs = logits.softmax(dim=-1)
+    if uniforms is None:
+        return torch.multinomial(probs, num_samples=1).squeeze(1)
+    cumulative = probs.cumsum(dim=-1)
+    # The first token whose cumulative probability exceeds u: a token of probability 0 is never picked.
+    targets = (uniforms.to(cumulative) * cumulative[:, -1]).unsqueeze(1)
+    picked = torch.searchsorted(cumulative, targets, right=True).squeeze(1)
+    return picked.clamp(max=logits.shape[-1] - 1)
 
 
 def completion_mask_and_truncation(

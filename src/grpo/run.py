@@ -20,6 +20,7 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from grpo import distributed
 from grpo.checkpoint import CHECKPOINT_PREFIX, TRAINER_STATE, latest_checkpoint, read_trainer_state
 from grpo.config import GRPOConfig, to_dict
 from grpo.data import Row, load_rows, render_prompt
@@ -186,6 +187,22 @@ def checkpoint_to_resume(config: GRPOConfig, output_dir: Path) -> Path | None:
 
 
 def run_training(config: GRPOConfig, console: Console) -> dict[str, Any]:
+    """A whole GRPO (or PPO, RLOO, …) run, in this process or as one rank of ``torchrun``/``accelerate
+    launch`` (grpo.distributed): every rank trains, the first one writes the run's files and prints."""
+    ranks = distributed.ranks_from_environment()
+    if ranks.distributed:
+        if config.algorithm == "ppo":
+            raise ConfigError("algorithm: ppo runs in one process only (its critic is not synchronised)")
+        distributed.init(ranks)
+        if not ranks.is_main:
+            console = Console(quiet=True)
+    try:
+        return _run_training(config, console, ranks)
+    finally:
+        distributed.shutdown()
+
+
+def _run_training(config: GRPOConfig, console: Console, ranks: distributed.Ranks) -> dict[str, Any]:
     started = time.perf_counter()
     # Everything that can be wrong with the input is checked before anything is written.
     train_rows = load_rows(config.dataset, "train")
@@ -196,29 +213,43 @@ def run_training(config: GRPOConfig, console: Console) -> dict[str, Any]:
         check_reward_columns(eval_rows, rewards, config.eval_dataset or config.dataset)
     model_path = resolve_model(config.model_name_or_path)
     output_dir = Path(config.output_dir) if config.output_dir else default_output_dir(config)
-    remove_leftovers(output_dir)
+    if ranks.distributed and not config.output_dir:
+        output_dir = Path(ranks.gather(str(output_dir))[0])  # rank 0's time stamp
+    if ranks.is_main:
+        remove_leftovers(output_dir)
+    ranks.barrier()
     resume_from = checkpoint_to_resume(config, output_dir)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     seed_everything(config.seed)
 
     models, tokenizer = load_policy(config, model_path)
+    models.to(ranks.device)
     check_prompts(train_rows, tokenizer, config.max_prompt_length, config.dataset, model_path)
     policy = models.policy
+    ranks.broadcast_(p for p in policy.parameters() if p.requires_grad)  # one initialisation for all
     config = dataclasses.replace(config, output_dir=str(output_dir))
     output_dir.mkdir(parents=True, exist_ok=True)
-    if resume_from is None:
+    if resume_from is None and ranks.is_main:
         for stale in [
             output_dir / METRICS_FILE,
             *output_dir.glob("eval_*.json"),
             output_dir / "summary.json",
         ]:
             stale.unlink(missing_ok=True)  # files of an earlier attempt that never reached a checkpoint
-    write_text_atomic(output_dir / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
+    if ranks.is_main:
+        write_text_atomic(output_dir / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
+    ranks.barrier()
     verb = f"continuing from {resume_from}" if resume_from else "training"
     console.print(f"[bold]grpo[/] {verb}: {config.model_name_or_path} on {config.dataset} → {output_dir}")
+    if ranks.distributed:
+        console.print(
+            f"{ranks.world_size} processes × {config.prompts_per_step} prompts per step "
+            f"= {ranks.world_size * config.prompts_per_step} prompts × {config.num_generations} completions"
+        )
 
     def held_out(tag: str) -> dict[str, float] | None:
+        # Every rank evaluates (greedy, so alike), the first one writes.
         if eval_rows is None:
             return None
         summary, records = evaluate(
@@ -229,11 +260,14 @@ def run_training(config: GRPOConfig, console: Console) -> dict[str, Any]:
             max_completion_length=config.max_completion_length,
             max_prompt_length=config.max_prompt_length,
         )
-        write_json_atomic(output_dir / f"eval_{tag}.json", {"summary": summary, "rows": records})
+        if ranks.is_main:
+            write_json_atomic(output_dir / f"eval_{tag}.json", {"summary": summary, "rows": records})
         console.print(f"held-out ({tag}): solved {summary['solved']:.1%} of {len(records)}")
         return summary
 
-    if config.eval_on_start and not (output_dir / "eval_before.json").is_file():
+    evaluated_before = (output_dir / "eval_before.json").is_file()
+    ranks.barrier()  # every rank has looked before the first one writes it
+    if config.eval_on_start and not evaluated_before:
         held_out("before")
     trainer_class = GRPOTrainer
     if config.algorithm == "ppo":
@@ -248,6 +282,7 @@ def run_training(config: GRPOConfig, console: Console) -> dict[str, Any]:
         train_rows,
         output_dir,
         notify=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True),
+        ranks=ranks,
     )
     if resume_from is not None:
         trainer.resume(resume_from)
@@ -264,6 +299,8 @@ def run_training(config: GRPOConfig, console: Console) -> dict[str, Any]:
 
         history = trainer.train(progress=report)
     after = held_out("after")
+    if not ranks.is_main:
+        return {}
     save_final_model(policy, tokenizer, output_dir / FINAL_MODEL)
     summary = run_summary(output_dir, history, after)
     # What the method holds: the policy, a frozen reference copy (full fine-tuning), PPO's value head.

@@ -49,9 +49,12 @@ from grpo.checkpoint import (
 from grpo.config import GRPOConfig, to_dict
 from grpo.data import PromptSampler, Row, render_prompt
 from grpo.diagnostics import Watch, held_out_scores
+from grpo.distributed import Ranks, group_seeds, sum_gradients_
 from grpo.errors import RewardError, RunFailed, RunInterrupted
 from grpo.files import write_text_atomic
+from grpo.generation import GenerationBackend, make_backend
 from grpo.losses import policy_loss, softmax_weighted_loss
+from grpo.memory import map_blocks_from, release_free_memory
 from grpo.models import REFERENCE_ADAPTER, PolicyAndReference, trainable_parameters
 from grpo.rewards import Reward, score_groups, weighted_sum
 from grpo.rewards.process import score_steps, split_steps, token_steps
@@ -145,8 +148,10 @@ class GRPOTrainer:
         output_dir: Path,
         on_step: Callable[[int, dict[str, float]], None] | None = None,
         notify: Callable[[str], None] | None = None,
+        ranks: Ranks | None = None,
     ):
         self.config = config
+        self.ranks = ranks or Ranks()  # this process's share of a data-parallel run (grpo.distributed)
         self.models = models
         self.policy = models.policy
         self.tokenizer = tokenizer
@@ -154,7 +159,9 @@ class GRPOTrainer:
         self.output_dir = output_dir
         self.on_step = on_step
         self.notify = notify or (lambda message: print(message, file=sys.stderr))
-        self.sampler = PromptSampler(train_rows, config.prompts_per_step, config.seed, config.shuffle_dataset)
+        # As in TRL, the batch settings are per process: a step takes prompts_per_step prompts per rank.
+        prompts = config.prompts_per_step * self.ranks.world_size
+        self.sampler = PromptSampler(train_rows, prompts, config.seed, config.shuffle_dataset)
         self.step = 0
         self.build_optimizer(list(trainable_parameters(self.policy).values()))
         self.device = next(self.policy.parameters()).device
@@ -168,6 +175,11 @@ class GRPOTrainer:
         self.last_batch: ScoredBatch | None = None  # the batch behind the latest metrics, for samples.jsonl
         self.tensorboard: Any = None  # a SummaryWriter while train() runs, under report_to "tensorboard"
         self.watch = Watch()  # the diagnostic warnings shown so far (each once, until it clears)
+        self.group_seeds: list[int] | None = None  # the sampling seed of each group being sampled
+        if config.release_memory:
+            map_blocks_from(MAPPED_BLOCK_MB)
+        self.backend: GenerationBackend | None = None  # what samples (grpo.generation), built when first used
+        self.backend_is_stale = False  # the policy changed since the backend last saw its weights
 
     def build_optimizer(self, params: list[torch.Tensor]) -> None:
         """AdamW over ``params`` and its learning-rate schedule, one scheduler step per optimizer update."""
@@ -183,9 +195,11 @@ class GRPOTrainer:
         )
 
     # --- one step ----------------------------------------------------------------------------------------
-    def sample_and_score(self, rows: list[Row]) -> ScoredBatch:
+    def sample_and_score(self, rows: list[Row], seeds: list[int] | None = None) -> ScoredBatch:
+        """Sample a group for each row (group i from ``seeds[i]`` when given) and score it."""
         c = self.config
         prompts = [render_prompt(row["prompt"], self.tokenizer) for row in rows]
+        self.group_seeds = seeds
         rollout = self._generate_within_memory(prompts)
         g = c.num_generations
         completion_ids = [
@@ -236,21 +250,31 @@ class GRPOTrainer:
         ``prompts_per_step`` groups that carry a signal; if none does, the first batch is kept as it is (its
         advantages are zero: only the KL term acts)."""
         c = self.config
-        first = self.sample_and_score(self.sampler.batch(self.step))
+        first = self._sample_share(draw=0)
         if not c.dynamic_sampling:
             return first
+        wanted = c.prompts_per_step  # per rank
         kept = first.select_groups(first.informative_groups())
         draws = 1
-        while kept.rollout.num_groups < c.prompts_per_step and draws < c.max_sampling_rounds:
-            more = self.sample_and_score(self.sampler.batch(self.step, draw=draws))
+        while kept.rollout.num_groups < wanted and draws < c.max_sampling_rounds:
+            more = self._sample_share(draw=draws)
             kept = ScoredBatch.join([kept, more.select_groups(more.informative_groups())])
             draws += 1
         if kept.rollout.num_groups == 0:
             first.sampling_rounds = draws
             return first
-        kept = kept.select_groups(list(range(min(kept.rollout.num_groups, c.prompts_per_step))))
+        kept = kept.select_groups(list(range(min(kept.rollout.num_groups, wanted))))
         kept.sampling_rounds = draws
         return kept
+
+    def _sample_share(self, draw: int) -> ScoredBatch:
+        """This rank's share of the step's prompts (all of them in one process), sampled and scored. Each
+        group draws from its own seed, set by its place in the whole step, so the completions are the same
+        however many processes share the step."""
+        rows = self.sampler.batch(self.step, draw=draw)
+        mine = self.ranks.share(rows)
+        first = self.ranks.first_index(len(rows))
+        return self.sample_and_score(mine, group_seeds(self.config.seed, self.step, draw, first, len(mine)))
 
     def _score_steps(self, rows: list[Row], rollout: Rollout) -> ScoredBatch:
         """Process supervision: step rewards, and from them per-token advantages (N, T)."""
@@ -279,10 +303,29 @@ class GRPOTrainer:
         total = torch.tensor([sum(r) / len(r) for r in scored.step_rewards])
         return ScoredBatch(rollout, total, scored.per_function, advantages, skipped, scored.failures)
 
+    def generation_backend(self) -> GenerationBackend:
+        """The backend that samples (``generation_backend``), built at first use and given the policy's
+        weights when they changed since it last sampled: once per step, however many updates it made."""
+        c = self.config
+        if self.backend is None:
+            self.backend = make_backend(
+                c.generation_backend,
+                self.policy,
+                fused=c.fused_inference,
+                seed=c.seed,
+                vllm_gpu_memory_utilization=c.vllm_gpu_memory_utilization,
+                max_model_len=c.max_prompt_length + c.max_completion_length,
+            )
+        elif self.backend_is_stale:
+            self.backend.sync_weights(self.policy)
+        self.backend_is_stale = False
+        return self.backend
+
     def _generate_within_memory(self, prompts: list[str]) -> Rollout:
         """Sample; when memory runs out, halve the completions decoded at once (for the rest of the run)
         and retry once, from the same random state."""
         c = self.config
+        backend = self.generation_backend()
         rng = capture_rng()
         for attempt in range(2):
             try:
@@ -297,7 +340,8 @@ class GRPOTrainer:
                     top_p=c.top_p,
                     top_k=c.top_k,
                     batch_size=self.generation_batch_size,
-                    fused=c.fused_inference,
+                    seeds=self.group_seeds,
+                    backend=backend,
                 )
             except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
                 if not is_out_of_memory(error):
@@ -322,22 +366,36 @@ class GRPOTrainer:
         c = self.config
         started = time.perf_counter()
         self.updated_this_step = False
+        self._release_memory()
         batch = self.sample_batch()
         generation_time = time.perf_counter() - started
-        if self.stop_signal is not None:
+        if self.ranks.any(self.stop_signal is not None):
             raise _StopNow  # nothing has changed yet: the step is redone on resume
 
         rollout = batch.rollout
         tensors = self.training_tensors(batch)
         loss_mask, slices = tensors.loss_mask, tensors.slices
         advantages = batch.advantages.to(self.device)
+        self._release_memory()
         ref_logps = self.reference_logps(tensors) if self.models.needs_reference else None
+        self._release_memory()
         # With one pass the sampling policy is the current one: its log-probs are the current ones, detached.
-        # With several, they are the log-probs the sampler already computed for each token it drew.
-        old_logps = rollout.sampling_logps.to(self.device) if c.num_iterations > 1 else None
+        # With several, they are the log-probs the sampler already computed for each token it drew, or, from a
+        # backend that could not give them, the policy's before this step's updates.
+        old_logps = None
+        if c.num_iterations > 1:
+            sampled = rollout.sampling_logps
+            old_logps = self.policy_logps(tensors) if sampled is None else sampled.to(self.device)
 
         tokens_in_batch = loss_mask.sum()
         groups_in_batch = len(rollout.completion_ids) // c.num_generations
+        # "dapo" and the softmax-weighted loss divide by the whole batch's tokens (and groups): count every
+        # rank's, and sum the ranks' gradients; the other losses are means per rank, so the ranks' mean.
+        sums_over_ranks = c.loss_type == "dapo" or c.algorithm == "softmax_weighted"
+        if self.ranks.distributed and sums_over_ranks:
+            tokens_in_batch = self.ranks.sum_(tokens_in_batch.clone())
+            groups_in_batch *= self.ranks.world_size
+        gradient_scale = 1.0 if sums_over_ranks else 1.0 / self.ranks.world_size
         clip = math.inf if c.algorithm == "reinforce" else c.epsilon
         clip_high = math.inf if c.algorithm == "reinforce" else c.epsilon_high
         with_entropy = c.top_entropy_quantile < 1.0
@@ -386,7 +444,11 @@ class GRPOTrainer:
                 sums["loss"] += loss.item() / c.num_iterations
                 for key, value in metrics.items():
                     sums[key] += value / (len(slices) * c.num_iterations)
-            grad_norms.append(self._optimizer_step(sums["loss"]))
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            sum_gradients_(params, self.ranks, gradient_scale)
+            loss_so_far = self.ranks.mean_of({"loss": sums["loss"]})["loss"]  # every rank skips, or none
+            grad_norms.append(self._optimizer_step(loss_so_far))
+            self._release_memory()
             sums["skipped_updates"] += 0 if math.isfinite(grad_norms[-1]) else 1
         self.step += 1
         sync = bool(c.ref_model_sync_steps) and self.step % c.ref_model_sync_steps == 0
@@ -395,7 +457,17 @@ class GRPOTrainer:
             self.reference_synced = True
         sums["reference_synced"] = float(sync and self.models.needs_reference)
         step_time = time.perf_counter() - started
-        return self._step_metrics(batch, loss_mask, sums, grad_norms, generation_time, step_time)
+        if self.ranks.distributed:  # the logs describe the whole step: every rank's groups and losses
+            sums = defaultdict(float, self.ranks.mean_of(dict(sums)))
+            if sums_over_ranks:  # each rank's loss is its part of the whole batch's
+                sums["loss"] *= self.ranks.world_size
+            batch = ScoredBatch.join(self.ranks.gather(batch))
+        return self._step_metrics(batch, sums, grad_norms, generation_time, step_time)
+
+    def _release_memory(self) -> None:
+        """Between phases of a step (see grpo.memory): what one phase freed is not kept for the next."""
+        if self.config.release_memory:
+            release_free_memory()
 
     def training_tensors(self, batch: ScoredBatch) -> TrainingTensors:
         """The batch's tokens on the training device, the mask of the tokens that enter the loss, and its
@@ -418,16 +490,26 @@ class GRPOTrainer:
         )
 
     def reference_logps(self, tensors: TrainingTensors) -> torch.Tensor:
-        """The reference model's log-probs of the batch's completions, in inference mode, through the fused
-        decoder where it applies."""
-        c = self.config
+        """The reference model's log-probs of the batch's completions (see :meth:`inference_logps`)."""
         self.policy.eval()
-        with torch.inference_mode(), self.models.reference() as reference:
-            if c.fused_inference and fused.supports(reference):
+        with self.models.reference() as reference:
+            return self.inference_logps(reference, tensors)
+
+    def policy_logps(self, tensors: TrainingTensors) -> torch.Tensor:
+        """The policy's log-probs of the batch's completions as it is now (see :meth:`inference_logps`)."""
+        self.policy.eval()
+        return self.inference_logps(self.policy, tensors)
+
+    def inference_logps(self, model: nn.Module, tensors: TrainingTensors) -> torch.Tensor:
+        """``model``'s log-probs of the batch's completions, in inference mode, through the fused decoder
+        where it applies."""
+        c = self.config
+        with torch.inference_mode():
+            if c.fused_inference and fused.supports(model):
                 batch_hint = c.per_device_train_batch_size * c.max_completion_length
-                score = fused.FusedDecoder(reference, batch_hint).completion_logps
+                score = fused.FusedDecoder(model, batch_hint).completion_logps
             else:
-                score = functools.partial(completion_logps, reference)
+                score = functools.partial(completion_logps, model)
             logps = torch.cat([tensors.run(score, s) for s in tensors.slices])
         return logps.clone()  # a normal tensor, usable in the autograd graph
 
@@ -442,6 +524,7 @@ class GRPOTrainer:
             self.optimizer.step()
             self.scheduler.step()
             self.updated_this_step = True
+            self.backend_is_stale = True  # synced before the next sampling (generation_backend)
             self.nonfinite_in_a_row = 0
         else:
             self.nonfinite_in_a_row += 1
@@ -462,7 +545,6 @@ class GRPOTrainer:
     def _step_metrics(
         self,
         batch: ScoredBatch,
-        loss_mask: torch.Tensor,
         sums: dict[str, float],
         grad_norms: list[float],
         generation_time: float,
@@ -514,7 +596,8 @@ class GRPOTrainer:
         """
         c = self.config
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        if self.step == 0:  # a fresh run: drop what an earlier attempt that never reached a checkpoint logged
+        # A fresh run: drop what an earlier attempt that never reached a checkpoint logged.
+        if self.step == 0 and self.ranks.is_main:
             (self.output_dir / SAMPLES_FILE).unlink(missing_ok=True)
             shutil.rmtree(self.output_dir / TENSORBOARD_DIR, ignore_errors=True)
         with self._signals_stop_the_run(), self._tensorboard():
@@ -526,28 +609,37 @@ class GRPOTrainer:
                     self._save_unless_saved(rng_at_start)
                     raise self._interrupted() from None
                 except BaseException:
-                    if not self.updated_this_step:
-                        self._save_unless_saved(rng_at_start)
+                    if not self.updated_this_step:  # (not waiting: the other ranks may never get here)
+                        self._save_unless_saved(rng_at_start, wait=False)
                     raise
                 if self.step % c.logging_steps == 0 or self.step == c.max_steps:
                     self.logged.append(metrics)
-                    self._write_metrics()
-                    self._log_samples()
-                    self._log_tensorboard(metrics)
-                    self._warn()
+                    if self.ranks.is_main:
+                        self._write_metrics()
+                        self._log_samples()
+                        self._log_tensorboard(metrics)
+                        self._warn()
                 if progress is not None:
                     progress(self.step, metrics)
                 if self.on_step is not None:
                     self.on_step(self.step, metrics)
-                if self.stop_signal is not None:
+                if self.ranks.any(self.stop_signal is not None):
+                    self.stop_signal = self.stop_signal or signal.SIGTERM  # another rank was signalled
                     self.save()
                     raise self._interrupted()
                 if c.save_steps and self.step % c.save_steps == 0 and self.step < c.max_steps:
                     self.save()
             self._save_unless_saved()
+        self.close_backend()
         return self.logged
 
-    def save(self, rng_state: dict | None = None) -> Path:
+    def close_backend(self) -> None:
+        """Free the generation backend (a vLLM engine's GPU memory); a later step builds a new one."""
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+
+    def save(self, rng_state: dict | None = None, wait: bool = True) -> Path:
         synced = self.models.needs_reference and (self.models.has_reference_adapter or self.reference_synced)
         state = {"step": self.step, "config": to_dict(self.config), "reference_synced": synced}
         # Under LoRA the reference adapter is saved with the policy's adapters (peft writes every adapter).
@@ -556,22 +648,19 @@ class GRPOTrainer:
             if synced and not self.models.uses_adapters
             else None
         )
-        directory = save_checkpoint(
-            self.output_dir / f"{CHECKPOINT_PREFIX}{self.step}",
-            self.policy,
-            self.optimizer,
-            self.scheduler,
-            state,
-            rng_state,
-            extra,
-        )
+        directory = self.output_dir / f"{CHECKPOINT_PREFIX}{self.step}"
+        # Every rank holds the same weights and optimizer state: one writes them, the others wait for it.
+        if self.ranks.is_main:
+            save_checkpoint(directory, self.policy, self.optimizer, self.scheduler, state, rng_state, extra)
+            prune_checkpoints(self.output_dir, self.config.save_total_limit)
+        if wait:
+            self.ranks.barrier()
         self.saved_step = self.step
-        prune_checkpoints(self.output_dir, self.config.save_total_limit)
         return directory
 
-    def _save_unless_saved(self, rng_state: dict | None = None) -> None:
+    def _save_unless_saved(self, rng_state: dict | None = None, wait: bool = True) -> None:
         if self.step > 0 and self.saved_step != self.step:
-            self.save(rng_state)
+            self.save(rng_state, wait)
 
     def resume(self, checkpoint: Path) -> None:
         """Continue from ``checkpoint`` exactly: weights, optimizer, scheduler, step, random generators, and
@@ -585,6 +674,9 @@ class GRPOTrainer:
         restore_rng(rng)
         self.step = self.saved_step = state["step"]
         self.logged = [m for m in read_jsonl(self.output_dir / METRICS_FILE) if m["step"] <= self.step]
+        self.ranks.barrier()  # every rank has read the files before the main one rewrites them
+        if not self.ranks.is_main:
+            return
         self._write_metrics()
         samples_file = self.output_dir / SAMPLES_FILE
         if samples_file.is_file():
@@ -672,6 +764,7 @@ class _StopNow(Exception):
 
 
 METRICS_FILE = "metrics.jsonl"
+MAPPED_BLOCK_MB = 4  # release_memory: allocations this large are mapped on their own (grpo.memory)
 SAMPLES_FILE = "samples.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 

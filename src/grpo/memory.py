@@ -1,0 +1,46 @@
+"""Keeping the resident memory of a CPU run near what its tensors need.
+
+PyTorch allocates CPU tensors with the C library's ``malloc``. glibc serves blocks under its mmap
+threshold from heaps it rarely gives back, and raises that threshold (up to 32 MB) each time a larger
+mapped block is freed; a step's many differently sized activations then leave the heap fragmented, and the
+process keeps gigabytes it is not using. Measured on the default run (LoRA, 32 completions of 128 tokens,
+gradient checkpointing), the resident peak was 2.8 GB while the live tensors never exceeded 1.5 GB.
+
+Two remedies, both glibc's own: a fixed mmap threshold, so that every block of at least a few megabytes is
+mapped on its own and returned when freed, and ``malloc_trim`` between the phases of a step (sampling,
+scoring, each update), which returns the free pages inside the heaps. Elsewhere (another C library, or
+not Linux) these are no-ops.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import platform
+
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def map_blocks_from(megabytes: float) -> bool:
+    """Serve every allocation of at least ``megabytes`` with its own mapping, given back when it is freed
+    (this also stops glibc from raising the threshold by itself). True when the C library took it."""
+    libc = _glibc()
+    return bool(libc and libc.mallopt(M_MMAP_THRESHOLD, int(megabytes * 2**20)))
+
+
+def release_free_memory() -> None:
+    """Return the free pages of the C heaps to the operating system (a few milliseconds)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
