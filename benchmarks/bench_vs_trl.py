@@ -44,6 +44,8 @@ CONFIGS = {
         f"{base}-gc": {**CHECKPOINTED, "use_lora": base == "lora-mu1", "trl_as": base}
         for base in ("lora-mu1", "full-mu1")
     },
+    # The same without release_memory (glibc keeps what it frees): what giving memory back costs in time.
+    "lora-mu1-gc-keep": {**CHECKPOINTED, "use_lora": True, "trl_as": "lora-mu1", "release_memory": False},
 }
 PROMPTS_PER_STEP, GROUP, COMPLETION_TOKENS, MICRO_BATCH, BETA = 4, 8, 128, 8, 0.04
 TOPICS = ["a lighthouse", "a lost key", "the first snow", "a robot chef", "a night train", "an old map",
@@ -73,6 +75,7 @@ def run_grpo(model_dir: str, config: dict, steps: int, warmup: int) -> dict:
         num_generations=GROUP, per_device_train_batch_size=MICRO_BATCH,
         gradient_accumulation_steps=PROMPTS_PER_STEP * GROUP // MICRO_BATCH,
         gradient_checkpointing=config.get("gradient_checkpointing", False),
+        release_memory=config.get("release_memory", True),
         max_completion_length=COMPLETION_TOKENS, beta=BETA, loss_type="grpo", learning_rate=1e-6,
         max_steps=steps + warmup, warmup_steps=0, seed=0,
     )  # fmt: skip
@@ -205,14 +208,19 @@ def main() -> None:
     for repeat in range(args.repeats):
         for config_name in args.configs.split(","):
             frameworks = ("grpo", "trl") if repeat % 2 == 0 else ("trl", "grpo")
-            for framework in frameworks if "trl_as" not in CONFIGS[config_name] else ("grpo",):
+            for framework in frameworks:
+                # A grpo variant is compared with TRL's run of its base configuration, run once per repeat.
+                name = CONFIGS[config_name].get("trl_as", config_name) if framework == "trl" else config_name
+                done = results.get(name, {}).get(framework, {}).get("step_times", [])
+                if framework == "trl" and len(done) >= (repeat + 1) * args.steps:
+                    continue
                 out = Path(tempfile.mkdtemp()) / "result.json"
                 command = [sys.executable, __file__, "--warmup", str(args.warmup), "--worker", framework,
-                           model_dir, config_name, str(args.steps), str(out)]  # fmt: skip
-                print(f"[{repeat + 1}/{args.repeats}] {config_name} {framework} …", flush=True)
+                           model_dir, name, str(args.steps), str(out)]  # fmt: skip
+                print(f"[{repeat + 1}/{args.repeats}] {name} {framework} …", flush=True)
                 subprocess.run(command, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
                 run = json.loads(out.read_text())
-                slot = results.setdefault(config_name, {}).setdefault(framework, {})
+                slot = results.setdefault(name, {}).setdefault(framework, {})
                 for key, value in run.items():
                     slot.setdefault(key, []).extend(value if isinstance(value, list) else [value])
 
@@ -240,6 +248,8 @@ def summarise(results: dict, facts: dict, flops: float, bandwidth: float) -> str
     per_token_flops = 2 * facts["params"]
     limits = []
     for name, by_framework in results.items():
+        if "grpo" not in by_framework:  # a base configuration only TRL ran
+            continue
         runs = {"grpo": by_framework["grpo"], "trl": results[CONFIGS[name].get("trl_as", name)]["trl"]}
         step = {k: statistics.median(v["step_times"]) for k, v in runs.items()}
         generation = {k: statistics.median(v["generation_times"]) for k, v in runs.items()}

@@ -136,3 +136,33 @@ def test_two_processes_count_every_ranks_tokens_for_dapo(tmp_path: Path, run_arg
     launch(1, tmp_path / "one", [*args, *ONE_PROCESS])
     launch(2, tmp_path / "two", [*args, *PER_RANK_OF_TWO])
     assert_same_training(tmp_path / "one", tmp_path / "two", steps=2)
+
+
+# --- sharded (FSDP2) -------------------------------------------------------------------------------------
+def test_sharded_training_equals_one_process_and_resumes(tmp_path: Path, run_args: list[str]):
+    """LoRA under FSDP on 2 processes: the same 3 steps as one process, across a checkpoint (its files hold
+    whole weights and optimizer state) and a resume with the model sharded again."""
+    one = tmp_path / "one"
+    launch(1, one, [*run_args, *ONE_PROCESS, "--max-steps", "3"])
+    sharded = tmp_path / "sharded"
+    launch(2, sharded, [*run_args, *PER_RANK_OF_TWO, "--fsdp", "--max-steps", "2"])
+    launch(2, sharded, [*run_args, *PER_RANK_OF_TWO, "--fsdp", "--max-steps", "3"])
+    assert_same_training(one, sharded, steps=3)
+
+
+def test_sharded_full_fine_tuning_equals_one_process(tmp_path: Path, run_args: list[str]):
+    """Full fine-tuning (a sharded reference copy too) with the "dapo" loss, whose gradients are sums."""
+    args = [*run_args, "--no-use-lora", "--loss-type", "dapo", "--max-steps", "2"]
+    launch(1, tmp_path / "one", [*args, *ONE_PROCESS])
+    launch(2, tmp_path / "sharded", [*args, *PER_RANK_OF_TWO, "--fsdp"])
+    assert_same_training(tmp_path / "one", tmp_path / "sharded", steps=2)
+
+
+def test_fsdp_needs_several_processes(tmp_path: Path, run_args: list[str]):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    output = tmp_path / "run"
+    command = [sys.executable, "-m", "grpo", "train", *run_args, "--fsdp", "--output-dir", str(output)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: fsdp: shards the model across processes")
+    assert not output.exists()

@@ -275,3 +275,15 @@ def test_a_flag_or_command_that_does_not_exist_is_one_line_and_exit_code_2(args,
     assert done.returncode == 2 and done.stdout == ""
     lines = done.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(line), done.stderr
+
+
+def test_an_unexpected_error_surfaces_as_itself(monkeypatch):
+    """Only usage errors and Ctrl-C are turned into exit codes; anything else is a bug to see whole."""
+    from grpo import cli
+
+    def broken(*args, **kwargs):
+        raise LookupError("a bug")
+
+    monkeypatch.setattr(cli, "app", broken)
+    with pytest.raises(LookupError, match="a bug"):
+        cli.main()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,10 +86,11 @@ def _rng_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> d
 
 # --- optimizer ---------------------------------------------------------------------------------------------
 def optimizer_to_safetensors(
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer, state: dict[str, Any] | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split an optimizer's state dict into tensors (for safetensors) and the rest (for JSON)."""
-    state = optimizer.state_dict()
+    """Split an optimizer's state dict (or ``state``, in its layout) into tensors (for safetensors) and the
+    rest (for JSON)."""
+    state = optimizer.state_dict() if state is None else state
     tensors, scalars = {}, {}
     for index, entries in state["state"].items():
         for key, value in entries.items():
@@ -116,15 +118,24 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     rng_state: dict[str, Any] | None = None,
     extra_models: dict[str, nn.Module] | None = None,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+    extra_states: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write a checkpoint atomically. ``rng_state`` defaults to the generators' state now; ``extra_models``
-    (e.g. a reference model that has become a copy of the policy) go into subdirectories by name."""
+    (e.g. a reference model that has become a copy of the policy) go into subdirectories by name. The
+    ``*_state`` arguments stand in for the models' and optimizer's own state dicts (a sharded model's,
+    gathered)."""
+
+    def given(state: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+        return {} if state is None else {"state_dict": state}
 
     def fill(staging: Path) -> None:
-        model.save_pretrained(staging, safe_serialization=True)
+        model.save_pretrained(staging, safe_serialization=True, **given(model_state))
         for name, extra in (extra_models or {}).items():
-            extra.save_pretrained(staging / name, safe_serialization=True)
-        tensors, meta = optimizer_to_safetensors(optimizer)
+            state = (extra_states or {}).get(name)
+            extra.save_pretrained(staging / name, safe_serialization=True, **given(state))
+        tensors, meta = optimizer_to_safetensors(optimizer, optimizer_state)
         save_file(tensors, staging / "optimizer.safetensors")
         _write_json(staging / "optimizer.json", meta)
         rng_tensors, rng_meta = _rng_to_files(rng_state or capture_rng())
@@ -212,16 +223,19 @@ def load_reference(directory: Path, models: PolicyAndReference) -> None:
 
 
 def load_training_state(
-    directory: Path, optimizer: torch.optim.Optimizer, scheduler: Any
+    directory: Path,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    load_optimizer: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restore optimizer and scheduler from a checkpoint; return its trainer state and its RNG state (which
-    the caller restores when it is about to draw from the generators)."""
+    the caller restores when it is about to draw from the generators). ``load_optimizer`` puts the saved
+    optimizer state in place instead of ``optimizer.load_state_dict`` (a sharded optimizer)."""
     state = read_trainer_state(directory)
     meta = _read_json(directory / "optimizer.json")
     try:
-        optimizer.load_state_dict(
-            optimizer_from_safetensors(_load_tensors(directory / "optimizer.safetensors"), meta)
-        )
+        saved = optimizer_from_safetensors(_load_tensors(directory / "optimizer.safetensors"), meta)
+        (load_optimizer or optimizer.load_state_dict)(saved)
         scheduler.load_state_dict(state["scheduler"])
         rng = _rng_from_files(
             _load_tensors(directory / "rng.safetensors"), _read_json(directory / "rng.json")

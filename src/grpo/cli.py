@@ -336,7 +336,7 @@ def main() -> None:
         message = " ".join(error.format_message().split())
         print(f"error: {command}: {message}", file=sys.stderr)
         raise SystemExit(2) from None
-    except click_errors.Abort:
+    except typer.Abort:  # (typer has its own since it carries click; older ones re-export click's)
         raise SystemExit(130) from None
     raise SystemExit(code if isinstance(code, int) else 0)
 

@@ -53,6 +53,12 @@ class GRPOConfig:
     for about a third more compute. Each group's shared prompt still runs once."""
     dtype: str = "auto"
     """Weights' dtype: "auto" (float32 on CPU, bfloat16 on a GPU that supports it), "float32", "bfloat16"."""
+    fsdp: bool = False
+    """Shard the policy (and a full fine-tuning reference copy) across the processes of a torchrun /
+    accelerate launch with FSDP2, each decoder layer its own unit: every rank holds 1/N of the weights,
+    gradients and optimizer state, for models that do not fit one device. Off: each rank holds the whole
+    model (data parallelism). Sampling then runs in lockstep through transformers' forward; see
+    docs/scaling.md."""
     release_memory: bool = True
     """Give memory back to the operating system between the phases of a step (glibc: blocks of 4 MB or more
     mapped on their own, free heap pages returned after sampling, scoring and each update), so that the
@@ -309,6 +315,17 @@ class GRPOConfig:
                 "generation_backend 'vllm' needs the vllm package, which is not installed "
                 "(pip install vllm; it runs on a CUDA GPU)"
             )
+        if self.fsdp:
+            # Every forward of a sharded model is a collective: the ranks must run the same passes.
+            clash = [
+                (self.dynamic_sampling, "dynamic_sampling (ranks would sample different numbers of rounds)"),
+                (self.algorithm == "ppo", "algorithm ppo"),
+                (self.generation_backend != "default", f"generation_backend {self.generation_backend!r}"),
+                (bool(self.ref_model_sync_steps), "ref_model_sync_steps"),
+            ]
+            for present, what in clash:
+                if present:
+                    raise ConfigError(f"fsdp: cannot be combined with {what}")
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
             raise ConfigError(
                 f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}"

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from grpo.data import Row, render_prompt
+from grpo.generation import GenerationBackend
 from grpo.rewards import Reward, score_groups
 from grpo.rewards.rules import answers_equivalent, answers_match, final_answer, reference_answer
 from grpo.rollout import generate
@@ -85,6 +86,7 @@ def evaluate(
     batch_size: int = 64,
     max_prompt_length: int = 10**9,
     ks: Iterable[int] = (),
+    backend: GenerationBackend | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Greedy (one sample) or sampled (``num_samples`` > 1) scores; returns (summary, one record per row).
 
@@ -115,6 +117,7 @@ def evaluate(
             temperature=temperature,
             top_p=top_p,
             greedy=greedy,
+            backend=backend,
         )
         scores = score_groups(rewards, chunk, rollout.texts).values
         all_scores.append(scores)

@@ -47,6 +47,8 @@ def supports(model: nn.Module) -> bool:
     embeddings = base.get_input_embeddings()
     if not embeddings.weight.dtype.is_floating_point or hasattr(embeddings, "base_layer"):
         return False
+    if is_sharded(model):  # FSDP: each rank holds slices of the weights, gathered layer by layer
+        return False
     for module in base.modules():
         if hasattr(module, "lora_A"):
             if type(module).__name__ != "Linear" or any(getattr(module, "use_dora", {}).values()):
@@ -54,6 +56,15 @@ def supports(model: nn.Module) -> bool:
             if any(getattr(module, "lora_bias", {}).values()):
                 return False
     return True
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether any part of ``model`` is sharded by FSDP2."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed support
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def effective_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -142,8 +142,12 @@ class DefaultBackend(GenerationBackend):
     name = "default"
     supports_seeds = True
 
-    def __init__(self, model: nn.Module, fused: bool = True):
-        self.model, self.fused = model, fused
+    def __init__(
+        self, model: nn.Module, fused: bool = True, keep_going: Callable[[bool], bool] | None = None
+    ):
+        # keep_going: decoding steps in lockstep with the other ranks (a sharded policy; see
+        # grpo.rollout.sample_completions)
+        self.model, self.fused, self.keep_going = model, fused, keep_going
 
     @torch.no_grad()
     def sample(
@@ -189,6 +193,7 @@ class DefaultBackend(GenerationBackend):
                             greedy=greedy,
                             decoder=decoder,
                             uniforms=uniforms,
+                            keep_going=self.keep_going,
                         )
                     )
             finally:
@@ -526,10 +531,12 @@ def make_backend(
     seed: int = 0,
     vllm_gpu_memory_utilization: float = 0.3,
     max_model_len: int | None = None,
+    keep_going: Callable[[bool], bool] | None = None,
 ) -> GenerationBackend:
-    """The backend called ``name`` ("default", "paged" or "vllm") for ``policy``."""
+    """The backend called ``name`` ("default", "paged" or "vllm") for ``policy``; ``keep_going`` (a
+    sharded policy's lockstep, default backend only) as in :func:`grpo.rollout.sample_completions`."""
     if name == "default":
-        return DefaultBackend(policy, fused=fused)
+        return DefaultBackend(policy, fused=fused, keep_going=keep_going)
     if name == "paged":
         return PagedBackend(policy)
     if name == "vllm":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -322,6 +322,7 @@ def sample_completions(
     greedy: bool = False,
     decoder: FusedDecoder | None = None,
     uniforms: torch.Tensor | None = None,
+    keep_going: Callable[[bool], bool] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode completions (N = prompts × G, width ≤ max_new_tokens), padded with ``pad_id`` after a stop,
     and the log-probs of the chosen tokens under the temperature-scaled (unfiltered) distribution: the
@@ -332,6 +333,10 @@ def sample_completions(
     ``decoder`` (the model's weights, fused) the steps run through it instead of the model's own forward.
     ``uniforms`` (N, max_new_tokens), from :func:`group_uniforms`, are each completion's random draws, one per
     step (default: the global generator's, through ``torch.multinomial``).
+
+    ``keep_going(unfinished)`` makes the decoding steps collective: told whether this process has rows
+    still running, it says whether any process has. Every process then runs the same number of steps on
+    all its rows (a sharded model's every forward is a collective); what follows a stop is padding anyway.
     """
     capacity = prompt_ids.shape[1] + max_new_tokens
     steps = FusedSteps(decoder, capacity) if decoder is not None else TransformersSteps(model, capacity)
@@ -347,6 +352,7 @@ def sample_completions(
     logps = torch.zeros((total, max_new_tokens), device=prompt_ids.device)
     active = torch.arange(total, device=prompt_ids.device)
     stops = torch.tensor(stop_ids, device=prompt_ids.device)
+    finished = torch.zeros(total, dtype=torch.bool, device=prompt_ids.device)
     for step in range(max_new_tokens):
         draws = None if uniforms is None else uniforms[active, step]
         chosen = pick_tokens(
@@ -355,7 +361,13 @@ def sample_completions(
         tokens[active, step] = chosen
         logps[active, step] = token_logps(logits, chosen, temperature)
         running = ~torch.isin(chosen, stops)
-        if step == max_new_tokens - 1 or not running.any():
+        if keep_going is not None:
+            finished |= ~running  # (no row ever leaves the batch here)
+            running = ~finished
+            if step == max_new_tokens - 1 or not keep_going(bool(running.any())):
+                return tokens[:, : step + 1], logps[:, : step + 1]
+            running = torch.ones_like(running)
+        elif step == max_new_tokens - 1 or not running.any():
             return tokens[:, : step + 1], logps[:, : step + 1]
         if not running.all():
             keep = running.nonzero().squeeze(1)

@@ -20,13 +20,20 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from grpo import distributed
-from grpo.checkpoint import CHECKPOINT_PREFIX, TRAINER_STATE, latest_checkpoint, read_trainer_state
+from grpo import distributed, sharding
+from grpo.checkpoint import (
+    CHECKPOINT_PREFIX,
+    TRAINER_STATE,
+    latest_checkpoint,
+    load_weights,
+    read_trainer_state,
+)
 from grpo.config import GRPOConfig, to_dict
 from grpo.data import Row, load_rows, render_prompt
 from grpo.errors import CheckpointError, ConfigError, DataError, ModelError, RunFailed
 from grpo.eval import evaluate
 from grpo.files import remove_leftovers, write_json_atomic, write_text_atomic
+from grpo.generation import DefaultBackend
 from grpo.models import (
     load_causal_lm,
     load_policy,
@@ -36,6 +43,7 @@ from grpo.models import (
     refuse_pickled_weights,
     resolve_model,
     save_final_model,
+    wrap_lora,
 )
 from grpo.report import report_line
 from grpo.rewards import Reward, RewardSpec, build_rewards
@@ -193,6 +201,11 @@ def run_training(config: GRPOConfig, console: Console) -> dict[str, Any]:
     if ranks.distributed:
         if config.algorithm == "ppo":
             raise ConfigError("algorithm: ppo runs in one process only (its critic is not synchronised)")
+    elif config.fsdp:
+        raise ConfigError(
+            "fsdp: shards the model across processes: launch with torchrun --nproc-per-node N (N ≥ 2)"
+        )
+    if ranks.distributed:
         distributed.init(ranks)
         if not ranks.is_main:
             console = Console(quiet=True)
@@ -228,6 +241,14 @@ def _run_training(config: GRPOConfig, console: Console, ranks: distributed.Ranks
     check_prompts(train_rows, tokenizer, config.max_prompt_length, config.dataset, model_path)
     policy = models.policy
     ranks.broadcast_(p for p in policy.parameters() if p.requires_grad)  # one initialisation for all
+    eval_backend = None
+    if config.fsdp:
+        if resume_from is not None:
+            load_weights(resume_from, policy)  # a checkpoint holds whole weights: before sharding
+        sharding.shard(policy, ranks)
+        if models.reference_model is not None:
+            sharding.shard(models.reference_model, ranks)
+        eval_backend = DefaultBackend(policy, fused=False, keep_going=ranks.any)
     config = dataclasses.replace(config, output_dir=str(output_dir))
     output_dir.mkdir(parents=True, exist_ok=True)
     if resume_from is None and ranks.is_main:
@@ -259,6 +280,7 @@ def _run_training(config: GRPOConfig, console: Console, ranks: distributed.Ranks
             rewards,
             max_completion_length=config.max_completion_length,
             max_prompt_length=config.max_prompt_length,
+            backend=eval_backend,
         )
         if ranks.is_main:
             write_json_atomic(output_dir / f"eval_{tag}.json", {"summary": summary, "rows": records})
@@ -299,9 +321,14 @@ def _run_training(config: GRPOConfig, console: Console, ranks: distributed.Ranks
 
         history = trainer.train(progress=report)
     after = held_out("after")
+    final = policy
+    if config.fsdp:  # a whole copy, from the shards gathered on the first rank
+        state = sharding.full_state(policy)
+        if ranks.is_main:
+            final = whole_model(config, model_path, state)
     if not ranks.is_main:
         return {}
-    save_final_model(policy, tokenizer, output_dir / FINAL_MODEL)
+    save_final_model(final, tokenizer, output_dir / FINAL_MODEL)
     summary = run_summary(output_dir, history, after)
     # What the method holds: the policy, a frozen reference copy (full fine-tuning), PPO's value head.
     summary |= parameter_counts(policy, models.reference_model, getattr(trainer, "value_head", None))
@@ -315,6 +342,15 @@ def _run_training(config: GRPOConfig, console: Console, ranks: distributed.Ranks
             f"held-out solved (right answer in the asked format): {before:.1%} → {after['solved']:.1%}"
         )
     return summary
+
+
+def whole_model(config: GRPOConfig, model_path: str, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """An unsharded policy (with its adapters under LoRA) holding ``state``, on the CPU."""
+    model = load_causal_lm(model_path, pick_dtype(config.dtype))
+    if config.use_lora:
+        model = wrap_lora(model, config)
+    model.load_state_dict(state)
+    return model
 
 
 def run_summary(

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers import get_scheduler
 
-from grpo import fused
+from grpo import fused, sharding
 from grpo.advantages import (
     group_advantages,
     leave_one_out_advantages,
@@ -152,6 +152,7 @@ class GRPOTrainer:
     ):
         self.config = config
         self.ranks = ranks or Ranks()  # this process's share of a data-parallel run (grpo.distributed)
+        self.sharded = sharding.is_sharded(models.policy)  # FSDP (grpo.sharding)
         self.models = models
         self.policy = models.policy
         self.tokenizer = tokenizer
@@ -315,6 +316,7 @@ class GRPOTrainer:
                 seed=c.seed,
                 vllm_gpu_memory_utilization=c.vllm_gpu_memory_utilization,
                 max_model_len=c.max_prompt_length + c.max_completion_length,
+                keep_going=self.ranks.any if self.sharded else None,
             )
         elif self.backend_is_stale:
             self.backend.sync_weights(self.policy)
@@ -440,12 +442,14 @@ class GRPOTrainer:
                     )
                     if c.loss_type != "dapo":  # "dapo" already divides by the whole batch's token count
                         loss = loss / len(slices)
-                loss.backward()
+                # Sharded, the gradients arrive averaged over the ranks: undo that where they must be summed.
+                (loss * self.ranks.world_size * gradient_scale if self.sharded else loss).backward()
                 sums["loss"] += loss.item() / c.num_iterations
                 for key, value in metrics.items():
                     sums[key] += value / (len(slices) * c.num_iterations)
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
-            sum_gradients_(params, self.ranks, gradient_scale)
+            if not self.sharded:  # (FSDP has already reduced them)
+                sum_gradients_(params, self.ranks, gradient_scale)
             loss_so_far = self.ranks.mean_of({"loss": sums["loss"]})["loss"]  # every rank skips, or none
             grad_norms.append(self._optimizer_step(loss_so_far))
             self._release_memory()
@@ -504,7 +508,8 @@ class GRPOTrainer:
         """``model``'s log-probs of the batch's completions, in inference mode, through the fused decoder
         where it applies."""
         c = self.config
-        with torch.inference_mode():
+        # A sharded model's forward gathers weights into tensors that inference mode would not let it reuse.
+        with torch.no_grad() if self.sharded else torch.inference_mode():
             if c.fused_inference and fused.supports(model):
                 batch_hint = c.per_device_train_batch_size * c.max_completion_length
                 score = fused.FusedDecoder(model, batch_hint).completion_logps
@@ -519,7 +524,8 @@ class GRPOTrainer:
         Returns the gradient norm (NaN for a skipped update)."""
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         max_norm = self.config.max_grad_norm or math.inf
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # (a DTensor, sharded)
         if math.isfinite(loss) and math.isfinite(norm):
             self.optimizer.step()
             self.scheduler.step()
@@ -649,9 +655,19 @@ class GRPOTrainer:
             else None
         )
         directory = self.output_dir / f"{CHECKPOINT_PREFIX}{self.step}"
+        gathered: dict[str, Any] = {}
+        if self.sharded:  # the whole weights and optimizer state, gathered on the first rank
+            if not wait:  # (a rank that failed alone cannot gather: the others are not listening)
+                self.notify(f"step {self.step}: no checkpoint written after the failure (sharded model)")
+                return directory
+            gathered["model_state"] = sharding.full_state(self.policy)
+            gathered["optimizer_state"] = sharding.full_optimizer_state(self.policy, self.optimizer)
+            gathered["extra_states"] = {name: sharding.full_state(m) for name, m in (extra or {}).items()}
         # Every rank holds the same weights and optimizer state: one writes them, the others wait for it.
         if self.ranks.is_main:
-            save_checkpoint(directory, self.policy, self.optimizer, self.scheduler, state, rng_state, extra)
+            save_checkpoint(
+                directory, self.policy, self.optimizer, self.scheduler, state, rng_state, extra, **gathered
+            )
             prune_checkpoints(self.output_dir, self.config.save_total_limit)
         if wait:
             self.ranks.barrier()
@@ -666,8 +682,17 @@ class GRPOTrainer:
         """Continue from ``checkpoint`` exactly: weights, optimizer, scheduler, step, random generators, and
         the metrics and samples logged up to its step (later lines, from the run that was cut short, are
         dropped; TensorBoard is told to drop them too)."""
-        load_weights(checkpoint, self.policy)
-        state, rng = load_training_state(checkpoint, self.optimizer, self.scheduler)
+        # Sharded, the weights went in before sharding (grpo.run); the optimizer's state is sharded here.
+        if self.sharded:
+            state, rng = load_training_state(
+                checkpoint,
+                self.optimizer,
+                self.scheduler,
+                lambda whole: sharding.load_full_optimizer_state(self.policy, self.optimizer, whole),
+            )
+        else:
+            load_weights(checkpoint, self.policy)
+            state, rng = load_training_state(checkpoint, self.optimizer, self.scheduler)
         if state.get("reference_synced"):
             load_reference(checkpoint, self.models)
             self.reference_synced = True
