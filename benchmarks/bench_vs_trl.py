@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-CHECKPOINTED = {"num_iterations": 1, "gradient_checkpointing": True}
+# grpo's lean setting: gradient checkpointing (as TRL runs by default) and memory given back between phases.
+CHECKPOINTED = {"num_iterations": 1, "gradient_checkpointing": True, "release_memory": True}
 CONFIGS = {
     "lora-mu1": {"use_lora": True, "num_iterations": 1},
     "lora-mu2": {"use_lora": True, "num_iterations": 2},
@@ -75,7 +76,7 @@ def run_grpo(model_dir: str, config: dict, steps: int, warmup: int) -> dict:
         num_generations=GROUP, per_device_train_batch_size=MICRO_BATCH,
         gradient_accumulation_steps=PROMPTS_PER_STEP * GROUP // MICRO_BATCH,
         gradient_checkpointing=config.get("gradient_checkpointing", False),
-        release_memory=config.get("release_memory", True),
+        release_memory=config.get("release_memory", False),
         max_completion_length=COMPLETION_TOKENS, beta=BETA, loss_type="grpo", learning_rate=1e-6,
         max_steps=steps + warmup, warmup_steps=0, seed=0,
     )  # fmt: skip

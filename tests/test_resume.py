@@ -187,6 +187,21 @@ def test_a_different_run_in_the_output_directory_is_refused_and_left_alone(
     assert {p: p.stat().st_mtime_ns for p in output.rglob("*")} == before
 
 
+def test_a_checkpoint_from_before_a_setting_existed_continues_with_its_default(
+    tiny_model, tiny_dataset, tmp_path, reward_file
+):
+    """A run saved by an older grpo (its settings lack later fields) continues in the same directory."""
+    output = tmp_path / "run"
+    assert cli([*base_args(tiny_model, tiny_dataset, output, reward_file), "--max-steps", "1"])[0] == 0
+    state_file = output / "checkpoint-1" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["fsdp"], state["config"]["release_memory"]
+    state_file.write_text(json.dumps(state))
+    code, log = cli([*base_args(tiny_model, tiny_dataset, output, reward_file), "--max-steps", "2"])
+    assert code == 0, log
+    assert json.loads((output / "summary.json").read_text())["steps"] == 2
+
+
 def test_resuming_from_a_missing_checkpoint_is_a_one_line_error(tmp_path):
     code, log = cli(["--resume", str(tmp_path / "nothing-here")])
     assert code == 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -244,3 +246,58 @@ def test_entropy_from_the_selective_log_softmax_matches_the_full_distribution():
     assert not entropy.requires_grad
     logps.sum().backward()  # the entropy output does not get in the way of the gradient
     assert logits.grad is not None
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_the_chunked_lm_head_gives_the_log_probs_entropy_and_gradients_of_the_whole_logits(
+    temperature, monkeypatch
+):
+    """head_token_logps never holds all the logits; what it computes must not differ from having them."""
+    from grpo.rollout import _HeadLogSoftmax, head_token_logps
+
+    monkeypatch.setattr(_HeadLogSoftmax, "ROWS_PER_CHUNK", 5)  # several chunks, the last one short
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(3, 4, 16, requires_grad=True)
+    tokens = torch.randint(50, (3, 4))
+    upstream = torch.randn(3, 4)
+
+    logps, entropy = head_token_logps(hidden, head, tokens, temperature, with_entropy=True)
+    (logps * upstream).sum().backward()
+    got = (logps.detach(), entropy, hidden.grad.clone(), head.weight.grad.clone())
+
+    hidden.grad, head.weight.grad = None, None
+    whole = torch.log_softmax(head(hidden) / temperature, dim=-1)
+    expected_logps = whole.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    expected_entropy = -(whole.exp() * whole).sum(-1)
+    (expected_logps * upstream).sum().backward()
+
+    torch.testing.assert_close(got[0], expected_logps.detach())
+    torch.testing.assert_close(got[1], expected_entropy.detach())
+    torch.testing.assert_close(got[2], hidden.grad)
+    torch.testing.assert_close(got[3], head.weight.grad)
+
+
+def test_training_log_probs_skip_the_full_logits_where_the_head_allows(model_and_tokenizer):
+    """completion_logps goes through the chunked head for a plain model and a LoRA one, and gives what the
+    whole-logits path gives."""
+    from peft import LoraConfig, get_peft_model
+
+    from grpo.rollout import completion_logps_unshared, plain_output_head
+
+    model, tokenizer = model_and_tokenizer
+    lora = get_peft_model(
+        copy.deepcopy(model), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    )
+    for policy in (model, lora):
+        assert plain_output_head(policy) is not None
+        rollout = generate(policy, tokenizer, PROMPTS, num_generations=2, max_completion_length=6)
+        args = (rollout.prompt_ids, rollout.prompt_mask, rollout.prompt_index)
+        args += (rollout.completion_ids, rollout.completion_mask)
+        with torch.no_grad():
+            torch.testing.assert_close(
+                completion_logps(policy, *args, temperature=0.9),
+                completion_logps_unshared(policy, *args, temperature=0.9),
+                atol=1e-5,
+                rtol=1e-5,
+            )

@@ -39,6 +39,7 @@ from grpo.config import (
     GRPOConfig,
     RewardModelConfig,
     SFTConfig,
+    field_defaults,
     load_config,
     load_settings,
     read_yaml,
@@ -164,7 +165,9 @@ def changed_setting(stage: Stage, saved: dict[str, Any], settings: dict[str, Any
     would say it. GRPO's settings that a run can continue under (a larger max_steps, …) do not count."""
     from grpo.run import RESUMABLE_CHANGES
 
-    before = saved.get("settings", {})
+    # A setting the record does not name did not exist yet: that stage ran with its default.
+    defaults = json.loads(json.dumps(field_defaults(type(stage.config))))
+    before = defaults | saved.get("settings", {})
     ignored = RESUMABLE_CHANGES if stage.name == "grpo" else frozenset()
     changed = [name for name in settings if name not in ignored and before.get(name) != settings[name]]
     return (

@@ -12,7 +12,7 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
 from grpo.errors import DataError
-from grpo.fused import FusedDecoder
+from grpo.fused import FusedDecoder, unwrap
 
 if TYPE_CHECKING:
     from grpo.generation import GenerationBackend
@@ -495,6 +495,99 @@ def selective_log_softmax_and_entropy(
     return _SelectiveLogSoftmax.apply(logits, tokens, reuse_logits, True)
 
 
+class _HeadLogSoftmax(torch.autograd.Function):
+    """log_softmax(hidden @ weightᵀ / temperature)[token] for rows of final hidden states, a chunk of rows
+    at a time: the (rows, vocab) logits never exist whole, in the forward pass or the backward, which
+    recomputes each chunk's logits instead of keeping them (one more LM-head product per token, in exchange
+    for the largest tensor of a training micro-batch: 8 completions × 127 tokens × 49,152 logits are 200 MB
+    in float32). The gradient reaches the hidden states and, when it is trained, the weight."""
+
+    ROWS_PER_CHUNK = 256
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        tokens: torch.Tensor,
+        temperature: float,
+        with_entropy: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = len(hidden)
+        logps = hidden.new_empty(rows, dtype=torch.float32)
+        lse = torch.empty_like(logps)
+        entropy = torch.empty_like(logps) if with_entropy else logps.new_empty(0)
+        for part in _row_chunks(rows, _HeadLogSoftmax.ROWS_PER_CHUNK):
+            logits = _chunk_logits(hidden[part], weight, temperature)
+            peak = logits.amax(dim=-1, keepdim=True)
+            shifted = (logits - peak).exp_()
+            total = shifted.sum(dim=-1)
+            lse[part] = total.log().add_(peak.squeeze(-1))
+            logps[part] = logits.gather(-1, tokens[part].unsqueeze(-1)).squeeze(-1) - lse[part]
+            if with_entropy:
+                entropy[part] = lse[part] - torch.linalg.vecdot(shifted, logits) / total
+        ctx.save_for_backward(hidden, weight, tokens, lse)
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(entropy)
+        return logps, entropy
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor, _: torch.Tensor) -> tuple[Any, ...]:
+        hidden, weight, tokens, lse = ctx.saved_tensors
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros_like(weight) if want_weight else None
+        for part in _row_chunks(len(hidden), _HeadLogSoftmax.ROWS_PER_CHUNK):
+            logits = _chunk_logits(hidden[part], weight, ctx.temperature)
+            # d log p[token] / d logits = one-hot(token) − softmax, times the incoming gradient.
+            grad_logits = logits.sub_(lse[part].unsqueeze(-1)).exp_().mul_(-grad[part].unsqueeze(-1))
+            grad_logits.scatter_add_(-1, tokens[part].unsqueeze(-1), grad[part].unsqueeze(-1))
+            grad_logits = grad_logits.div_(ctx.temperature).to(hidden.dtype)
+            if grad_hidden is not None:
+                torch.matmul(grad_logits, weight, out=grad_hidden[part])
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.T, hidden[part])
+        return grad_hidden, grad_weight, None, None, None
+
+
+def _row_chunks(rows: int, size: int) -> list[slice]:
+    return [slice(start, start + size) for start in range(0, rows, size)]
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    """A chunk's logits in float32 (as token_logps casts them), divided by the sampling temperature."""
+    logits = (hidden @ weight.T).float()
+    return logits.div_(temperature) if temperature != 1.0 else logits
+
+
+def head_token_logps(
+    hidden: torch.Tensor,
+    head: nn.Module,
+    tokens: torch.Tensor,
+    temperature: float,
+    with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """:func:`token_logps` of the logits that the (bias-free) linear ``head`` would make of ``hidden``
+    (…, H), computed a chunk of rows at a time (see :class:`_HeadLogSoftmax`)."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    logps, entropy = _HeadLogSoftmax.apply(flat, head.weight, tokens.reshape(-1), temperature, with_entropy)
+    if with_entropy:
+        return logps.view(tokens.shape), entropy.view(tokens.shape)
+    return logps.view(tokens.shape)
+
+
+def plain_output_head(model: nn.Module) -> nn.Module | None:
+    """The model's LM head when :func:`head_token_logps` can stand in for it (a plain linear layer without
+    bias, not adapted, not sharded), else None."""
+    from grpo.fused import is_sharded
+
+    base = unwrap(model)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if type(head) is not nn.Linear or head.bias is not None or not hasattr(base, "get_decoder"):
+        return None
+    return None if is_sharded(model) else head
+
+
 class PromptPrefixLayer(DynamicLayer):
     """A cache layer that holds a prompt's keys and values and hands each forward pass them joined with its
     own, keeping nothing: a pass can run twice (gradient checkpointing recomputes it) and see the same cache.
@@ -535,6 +628,7 @@ class SharedPromptOutputs:
     first_logits: torch.Tensor  # (B, 1, V): the prompt's last position, which predicts the first token
     rest_logits: torch.Tensor | None  # (B, C − 1, V): the completion's positions that predict the rest
     hidden_states: torch.Tensor | None  # (B, C, H): the final hidden states behind those logits, if asked
+    rest_hidden: torch.Tensor | None = None  # (B, C − 1, H): instead of rest_logits, under ``head_free``
 
 
 def shared_prompt_forward(
@@ -545,12 +639,14 @@ def shared_prompt_forward(
     completion_ids: torch.Tensor,
     completion_mask: torch.Tensor,
     output_hidden_states: bool = False,
+    head_free: bool = False,
 ) -> SharedPromptOutputs:
     """The forward passes behind :func:`completion_logps`: each distinct prompt run once, its key/value
     cache gathered to one row per completion, then the completion tokens against it. The first completion
     token is predicted by the prompt's last position; the last one predicts nothing we need, so it is not
     fed in. With ``output_hidden_states`` also the final hidden state at each of those positions (PPO's
-    value head reads them)."""
+    value head reads them). With ``head_free`` the completion pass stops before the LM head and returns its
+    final hidden states (``rest_hidden``) for :func:`head_token_logps`."""
     used, local_index = torch.unique(prompt_index, return_inverse=True)
     prompt_ids, prompt_mask = prompt_ids[used], prompt_mask[used]
     positions = prompt_positions(prompt_mask)
@@ -574,9 +670,12 @@ def shared_prompt_forward(
     completion_positions = positions[local_index, -1:] + 1 + torch.arange(width, device=positions.device)
     hidden = [out.hidden_states[-1][local_index, -1:]] if output_hidden_states else []
     rest_logits = None
+    rest_hidden = None
     if width > 1:
+        # The decoder alone (its final norm included) when the caller applies the head itself.
+        runner = unwrap(model).get_decoder() if head_free else model
         with checkpointing_flags(model, _can_checkpoint_with_cache=True):
-            rest = model(
+            rest = runner(
                 input_ids=completion_ids[:, :-1],
                 attention_mask=attention_mask[:, :-1],
                 position_ids=completion_positions[:, :-1],
@@ -584,11 +683,14 @@ def shared_prompt_forward(
                 use_cache=False,
                 output_hidden_states=output_hidden_states,
             )
-        rest_logits = rest.logits
+        if head_free:
+            rest_hidden = rest.last_hidden_state
+        else:
+            rest_logits = rest.logits
         if output_hidden_states:
             hidden.append(rest.hidden_states[-1])
     return SharedPromptOutputs(
-        out.logits[local_index, -1:], rest_logits, torch.cat(hidden, dim=1) if hidden else None
+        out.logits[local_index, -1:], rest_logits, torch.cat(hidden, dim=1) if hidden else None, rest_hidden
     )
 
 
@@ -615,10 +717,23 @@ def completion_logps(
     it, and the completions' layers are recomputed in the backward pass reading the same prompt cache:
     transformers' own checkpointing would drop the cache and run each prompt once per completion.
     """
-    out = shared_prompt_forward(model, prompt_ids, prompt_mask, prompt_index, completion_ids, completion_mask)
+    head = plain_output_head(model)
+    out = shared_prompt_forward(
+        model,
+        prompt_ids,
+        prompt_mask,
+        prompt_index,
+        completion_ids,
+        completion_mask,
+        head_free=head is not None,
+    )
     # Log-probs are joined, not the (much larger) logits.
     pieces = [token_logps(out.first_logits, completion_ids[:, :1], temperature, True, with_entropy)]
-    if out.rest_logits is not None:
+    if out.rest_hidden is not None:
+        pieces.append(
+            head_token_logps(out.rest_hidden, head, completion_ids[:, 1:], temperature, with_entropy)
+        )
+    elif out.rest_logits is not None:
         pieces.append(token_logps(out.rest_logits, completion_ids[:, 1:], temperature, True, with_entropy))
     if with_entropy:
         return torch.cat([p[0] for p in pieces], dim=1), torch.cat([p[1] for p in pieces], dim=1)

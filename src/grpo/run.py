@@ -28,7 +28,7 @@ from grpo.checkpoint import (
     load_weights,
     read_trainer_state,
 )
-from grpo.config import GRPOConfig, to_dict
+from grpo.config import GRPOConfig, field_defaults, to_dict
 from grpo.data import Row, load_rows, render_prompt
 from grpo.errors import CheckpointError, ConfigError, DataError, ModelError, RunFailed
 from grpo.eval import evaluate
@@ -181,7 +181,8 @@ def checkpoint_to_resume(config: GRPOConfig, output_dir: Path) -> Path | None:
     checkpoint = latest_checkpoint(output_dir)
     if checkpoint is None:
         return None
-    saved = read_trainer_state(checkpoint).get("config") or {}
+    # A setting the checkpoint does not name did not exist yet: that run had its default.
+    saved = field_defaults(GRPOConfig) | (read_trainer_state(checkpoint).get("config") or {})
     current = to_dict(config)
     changed = [name for name in current if name not in RESUMABLE_CHANGES and saved.get(name) != current[name]]
     if changed:
