@@ -47,6 +47,8 @@ def test_a_groups_seed_depends_on_its_place_in_the_step_not_on_the_split():
 def launch(processes: int, output: Path, args: list[str]) -> subprocess.CompletedProcess:
     """``grpo train`` in ``processes`` processes over gloo (plain ``python -m grpo`` for one)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if sys.platform == "linux":  # gloo over the loopback device, whether or not the host name resolves
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     runner = [sys.executable, "-m", "grpo"]
