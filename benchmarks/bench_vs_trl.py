@@ -67,6 +67,7 @@ def variety_reward(prompts, completions, **_):
 # --- workers (one process each) --------------------------------------------------------------------------
 def run_grpo(model_dir: str, config: dict, steps: int, warmup: int) -> dict:
     from grpo.config import GRPOConfig
+    from grpo.distributed import Ranks
     from grpo.models import load_policy
     from grpo.rewards import Reward
     from grpo.trainer import GRPOTrainer
@@ -82,6 +83,7 @@ def run_grpo(model_dir: str, config: dict, steps: int, warmup: int) -> dict:
     )  # fmt: skip
     torch.manual_seed(0)
     models, tokenizer = load_policy(cfg, model_dir)
+    models.to(Ranks().device)  # the GPU when there is one (benchmarks/gpu_check.py)
     trainer = GRPOTrainer(
         cfg, models, tokenizer, [Reward("variety", variety_reward)], rows(), Path(tempfile.mkdtemp())
     )

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_vs_trl import BETA, COMPLETION_TOKENS, GROUP, MICRO_BATCH, PROMPTS_PER_STEP, rows, variety_reward
+from bench_vs_trl import GROUP, PROMPTS_PER_STEP, run_grpo
 
 
 def random_model(config_dir: Path) -> Path:
@@ -41,41 +41,21 @@ def random_model(config_dir: Path) -> Path:
 
 
 def timed_steps(model_dir: Path, use_lora: bool, steps: int, warmup: int) -> dict:
-    from grpo.config import GRPOConfig
-    from grpo.models import load_policy
-    from grpo.rewards import Reward
-    from grpo.trainer import GRPOTrainer
+    """The CPU benchmark's grpo worker on the GPU, with its peak GPU memory."""
+    from grpo.models import pick_dtype
 
-    cfg = GRPOConfig(
-        model_name_or_path=str(model_dir), use_lora=use_lora, num_generations=GROUP,
-        per_device_train_batch_size=MICRO_BATCH,
-        gradient_accumulation_steps=PROMPTS_PER_STEP * GROUP // MICRO_BATCH,
-        max_completion_length=COMPLETION_TOKENS, beta=BETA, loss_type="grpo", learning_rate=1e-6,
-        max_steps=steps + warmup, warmup_steps=0, seed=0,
-    )  # fmt: skip
-    models, tokenizer = load_policy(cfg, str(model_dir))
-    models.to(torch.device("cuda"))
-    trainer = GRPOTrainer(
-        cfg, models, tokenizer, [Reward("variety", variety_reward)], rows(), Path(tempfile.mkdtemp())
-    )
     torch.cuda.reset_peak_memory_stats()
-    times, generation, lengths = [], [], []
-    for i in range(steps + warmup):
-        m = trainer.train_step()
-        if i >= warmup:
-            times.append(m["step_time"])
-            generation.append(m["generation_time"])
-            lengths.append(m["completions/mean_length"])
-    tokens = statistics.median(lengths) * PROMPTS_PER_STEP * GROUP
+    run = run_grpo(str(model_dir), {"use_lora": use_lora, "num_iterations": 1}, steps, warmup)
+    length, generation = statistics.median(run["mean_lengths"]), statistics.median(run["generation_times"])
     return {
-        "dtype": str(next(models.policy.parameters()).dtype),
-        "seconds_per_step": statistics.median(times),
-        "generation_seconds": statistics.median(generation),
-        "mean_length": statistics.median(lengths),
-        "decode_tokens_per_second": tokens / statistics.median(generation),
+        "dtype": str(pick_dtype("auto")),
+        "seconds_per_step": statistics.median(run["step_times"]),
+        "generation_seconds": generation,
+        "mean_length": length,
+        "decode_tokens_per_second": length * PROMPTS_PER_STEP * GROUP / generation,
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20,
-        "step_times": times,
-    }  # fmt: skip
+        "step_times": run["step_times"],
+    }
 
 
 def cli_run(model_dir: Path, output: Path) -> dict:

@@ -47,6 +47,8 @@ def supports(model: nn.Module) -> bool:
     embeddings = base.get_input_embeddings()
     if not embeddings.weight.dtype.is_floating_point or hasattr(embeddings, "base_layer"):
         return False
+    from grpo.sharding import is_sharded
+
     if is_sharded(model):  # FSDP: each rank holds slices of the weights, gathered layer by layer
         return False
     for module in base.modules():
@@ -56,15 +58,6 @@ def supports(model: nn.Module) -> bool:
             if any(getattr(module, "lora_bias", {}).values()):
                 return False
     return True
-
-
-def is_sharded(model: nn.Module) -> bool:
-    """Whether any part of ``model`` is sharded by FSDP2."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a torch built without distributed support
-        return False
-    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def effective_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:

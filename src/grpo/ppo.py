@@ -45,7 +45,7 @@ from grpo.errors import CheckpointError
 from grpo.losses import policy_loss
 from grpo.models import PolicyAndReference, trainable_parameters
 from grpo.rewards import Reward
-from grpo.rollout import shared_prompt_forward, token_logps
+from grpo.rollout import shared_prompt_forward
 from grpo.trainer import GRPOTrainer, _StopNow
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -145,11 +145,8 @@ def completion_logps_and_values(
         completion_mask,
         output_hidden_states=True,
     )
-    logps = [token_logps(out.first_logits, completion_ids[:, :1], temperature, True)]
-    if out.rest_logits is not None:
-        logps.append(token_logps(out.rest_logits, completion_ids[:, 1:], temperature, reuse_logits=True))
     values = value_head(out.hidden_states.to(value_head.weight.dtype)).squeeze(-1)
-    return torch.cat(logps, dim=1), values
+    return out.token_logps(completion_ids, temperature), values
 
 
 def make_value_head(hidden_size: int, init_std: float, seed: int) -> nn.Linear:

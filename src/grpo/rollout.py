@@ -579,7 +579,7 @@ def head_token_logps(
 def plain_output_head(model: nn.Module) -> nn.Module | None:
     """The model's LM head when :func:`head_token_logps` can stand in for it (a plain linear layer without
     bias, not adapted, not sharded), else None."""
-    from grpo.fused import is_sharded
+    from grpo.sharding import is_sharded
 
     base = unwrap(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
@@ -629,6 +629,26 @@ class SharedPromptOutputs:
     rest_logits: torch.Tensor | None  # (B, C − 1, V): the completion's positions that predict the rest
     hidden_states: torch.Tensor | None  # (B, C, H): the final hidden states behind those logits, if asked
     rest_hidden: torch.Tensor | None = None  # (B, C − 1, H): instead of rest_logits, under ``head_free``
+
+    def token_logps(
+        self,
+        completion_ids: torch.Tensor,
+        temperature: float,
+        head: nn.Module | None = None,
+        with_entropy: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probs (B, C) of ``completion_ids`` (and entropies, with ``with_entropy``), from
+        the logits or, under ``head_free``, from ``head`` applied a chunk at a time. Log-probs are joined,
+        not the (much larger) logits."""
+        pieces = [token_logps(self.first_logits, completion_ids[:, :1], temperature, True, with_entropy)]
+        rest = completion_ids[:, 1:]
+        if self.rest_hidden is not None:
+            pieces.append(head_token_logps(self.rest_hidden, head, rest, temperature, with_entropy))
+        elif self.rest_logits is not None:
+            pieces.append(token_logps(self.rest_logits, rest, temperature, True, with_entropy))
+        if with_entropy:
+            return torch.cat([p[0] for p in pieces], dim=1), torch.cat([p[1] for p in pieces], dim=1)
+        return torch.cat(pieces, dim=1)
 
 
 def shared_prompt_forward(
@@ -727,17 +747,7 @@ def completion_logps(
         completion_mask,
         head_free=head is not None,
     )
-    # Log-probs are joined, not the (much larger) logits.
-    pieces = [token_logps(out.first_logits, completion_ids[:, :1], temperature, True, with_entropy)]
-    if out.rest_hidden is not None:
-        pieces.append(
-            head_token_logps(out.rest_hidden, head, completion_ids[:, 1:], temperature, with_entropy)
-        )
-    elif out.rest_logits is not None:
-        pieces.append(token_logps(out.rest_logits, completion_ids[:, 1:], temperature, True, with_entropy))
-    if with_entropy:
-        return torch.cat([p[0] for p in pieces], dim=1), torch.cat([p[1] for p in pieces], dim=1)
-    return torch.cat(pieces, dim=1)
+    return out.token_logps(completion_ids, temperature, head, with_entropy)
 
 
 def token_logps(

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from grpo import fused
 from grpo.distributed import Ranks
 
 
@@ -40,8 +39,13 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def is_sharded(model: nn.Module | None) -> bool:
-    return model is not None and fused.is_sharded(model)
+def is_sharded(model: nn.Module) -> bool:
+    """Whether any part of ``model`` is sharded by FSDP2."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed support
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def _full_options() -> Any:

@@ -176,7 +176,6 @@ class GRPOTrainer:
         self.last_batch: ScoredBatch | None = None  # the batch behind the latest metrics, for samples.jsonl
         self.tensorboard: Any = None  # a SummaryWriter while train() runs, under report_to "tensorboard"
         self.watch = Watch()  # the diagnostic warnings shown so far (each once, until it clears)
-        self.group_seeds: list[int] | None = None  # the sampling seed of each group being sampled
         if config.release_memory:
             map_blocks_from(MAPPED_BLOCK_MB)
         self.backend: GenerationBackend | None = None  # what samples (grpo.generation), built when first used
@@ -200,8 +199,7 @@ class GRPOTrainer:
         """Sample a group for each row (group i from ``seeds[i]`` when given) and score it."""
         c = self.config
         prompts = [render_prompt(row["prompt"], self.tokenizer) for row in rows]
-        self.group_seeds = seeds
-        rollout = self._generate_within_memory(prompts)
+        rollout = self._generate_within_memory(prompts, seeds)
         g = c.num_generations
         completion_ids = [
             ids[m.bool()].tolist() for ids, m in zip(rollout.completion_ids, rollout.completion_mask)
@@ -323,9 +321,9 @@ class GRPOTrainer:
         self.backend_is_stale = False
         return self.backend
 
-    def _generate_within_memory(self, prompts: list[str]) -> Rollout:
-        """Sample; when memory runs out, halve the completions decoded at once (for the rest of the run)
-        and retry once, from the same random state."""
+    def _generate_within_memory(self, prompts: list[str], seeds: list[int] | None) -> Rollout:
+        """Sample (group i from ``seeds[i]`` when given); when memory runs out, halve the completions
+        decoded at once (for the rest of the run) and retry once, from the same random state."""
         c = self.config
         backend = self.generation_backend()
         rng = capture_rng()
@@ -342,7 +340,7 @@ class GRPOTrainer:
                     top_p=c.top_p,
                     top_k=c.top_k,
                     batch_size=self.generation_batch_size,
-                    seeds=self.group_seeds,
+                    seeds=seeds,
                     backend=backend,
                 )
             except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
