@@ -12,6 +12,7 @@ variables, or with ``WORLD_SIZE=1``, nothing here talks to anyone.
 from __future__ import annotations
 
 import datetime
+import gc
 import hashlib
 import os
 from collections.abc import Iterable, Sequence
@@ -130,6 +131,9 @@ def init(ranks: Ranks, timeout_minutes: float = 30) -> None:
 
 def shutdown() -> None:
     if dist.is_initialized():
+        # A sharded model's state holds the group and its pending work in reference cycles: free them while
+        # the group is alive, or they go at interpreter exit and gloo's threads abort the process.
+        gc.collect()
         dist.destroy_process_group()
 
 
