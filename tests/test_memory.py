@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's allocator only"
@@ -48,3 +49,19 @@ def test_large_blocks_mapped_on_their_own_are_never_kept():
     kept, released = resident_growth("mapped")
     assert kept < 20
     assert released < 20
+
+
+def test_gradients_in_one_block_are_zero_views_of_one_tensor_and_keep_existing_ones():
+    from grpo.memory import gradients_in_one_block
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    model[1].bias.grad = torch.ones(2)
+    model[0].bias.requires_grad_(False)
+    gradients_in_one_block(model.parameters())
+    assert model[0].bias.grad is None  # frozen
+    assert torch.equal(model[1].bias.grad, torch.ones(2))  # already there: kept
+    made = [model[0].weight.grad, model[1].weight.grad]
+    assert all(torch.count_nonzero(g) == 0 for g in made)
+    assert made[0].untyped_storage().data_ptr() == made[1].untyped_storage().data_ptr()
+    model(torch.randn(5, 3)).sum().backward()  # autograd adds into the views
+    assert torch.count_nonzero(model[0].weight.grad) > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -95,6 +96,43 @@ def test_shared_prompt_log_probs_and_gradients_match_the_plain_path(model_and_to
     mask = rollout.completion_mask.bool()
     torch.testing.assert_close(shared[mask], plain[mask], atol=1e-5, rtol=1e-5)
     for a, b in zip(shared_grads, plain_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_in_place_weight_gradients_are_the_gradients_autograd_accumulates(
+    model_and_tokenizer, tiny_model, tied
+):
+    """Two micro-batches' gradients, with the LM head and embedding putting theirs straight into .grad
+    (sparse embedding gradients) and the prompt pass on stand-ins sharing the gradients, equal plain
+    autograd's on the whole-sequence path."""
+    from grpo.memory import gradients_in_one_block
+    from grpo.rollout import in_place_weight_gradients
+
+    _, tokenizer = model_and_tokenizer
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    rollout = generate(model, tokenizer, PROMPTS, num_generations=3, max_completion_length=9)
+    model.train()
+    halves = [slice(0, 4), slice(4, None)]
+
+    def gradients(compute, in_place: bool) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        if in_place:  # as the trainer does: then the prompt pass runs on stand-ins sharing the gradients
+            gradients_in_one_block(model.parameters())
+        for rows in halves:
+            args = (rollout.prompt_ids, rollout.prompt_mask, rollout.prompt_index[rows])
+            args += (rollout.completion_ids[rows], rollout.completion_mask[rows])
+            with in_place_weight_gradients(model) if in_place else contextlib.nullcontext():
+                assert model.get_input_embeddings().sparse == in_place
+                logps = compute(model, *args, temperature=0.7)
+            (logps * rollout.completion_mask[rows]).sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    in_place = gradients(completion_logps, in_place=True)
+    assert not model.get_input_embeddings().sparse  # put back
+    assert all(not g.is_sparse for g in in_place)
+    for a, b in zip(in_place, gradients(completion_logps_unshared, in_place=False), strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
@@ -248,23 +286,25 @@ def test_entropy_from_the_selective_log_softmax_matches_the_full_distribution():
     assert logits.grad is not None
 
 
+@pytest.mark.parametrize("trained_head", [True, False], ids=["trained-head", "frozen-head"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_the_chunked_lm_head_gives_the_log_probs_entropy_and_gradients_of_the_whole_logits(
-    temperature, monkeypatch
+    temperature, trained_head, monkeypatch
 ):
-    """head_token_logps never holds all the logits; what it computes must not differ from having them."""
+    """head_token_logps never holds all the logits; what it computes must not differ from having them, with
+    a trained head (logits recomputed in the backward pass) or a frozen one (expected embeddings kept)."""
     from grpo.rollout import _HeadLogSoftmax, head_token_logps
 
     monkeypatch.setattr(_HeadLogSoftmax, "ROWS_PER_CHUNK", 5)  # several chunks, the last one short
     torch.manual_seed(0)
-    head = torch.nn.Linear(16, 50, bias=False)
+    head = torch.nn.Linear(16, 50, bias=False).requires_grad_(trained_head)
     hidden = torch.randn(3, 4, 16, requires_grad=True)
     tokens = torch.randint(50, (3, 4))
     upstream = torch.randn(3, 4)
 
     logps, entropy = head_token_logps(hidden, head, tokens, temperature, with_entropy=True)
     (logps * upstream).sum().backward()
-    got = (logps.detach(), entropy, hidden.grad.clone(), head.weight.grad.clone())
+    got = (logps.detach(), entropy, hidden.grad.clone(), head.weight.grad)
 
     hidden.grad, head.weight.grad = None, None
     whole = torch.log_softmax(head(hidden) / temperature, dim=-1)
@@ -275,7 +315,10 @@ def test_the_chunked_lm_head_gives_the_log_probs_entropy_and_gradients_of_the_wh
     torch.testing.assert_close(got[0], expected_logps.detach())
     torch.testing.assert_close(got[1], expected_entropy.detach())
     torch.testing.assert_close(got[2], hidden.grad)
-    torch.testing.assert_close(got[3], head.weight.grad)
+    if trained_head:
+        torch.testing.assert_close(got[3], head.weight.grad)
+    else:
+        assert got[3] is None and head.weight.grad is None
 
 
 def test_training_log_probs_skip_the_full_logits_where_the_head_allows(model_and_tokenizer):

@@ -18,6 +18,9 @@ import ctypes
 import ctypes.util
 import functools
 import platform
+from collections.abc import Iterable
+
+import torch
 
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
 
@@ -44,3 +47,21 @@ def release_free_memory() -> None:
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def gradients_in_one_block(parameters: Iterable[torch.Tensor]) -> None:
+    """Give each parameter that has no gradient yet a zero one, all of them views of one block.
+
+    Made before the first backward pass of an update, the gradients (as large as the trained weights) are
+    one allocation instead of hundreds of few-megabyte blocks scattered between the activations, which
+    would keep the heap under them from being given back while they live."""
+    missing = [p for p in parameters if p.requires_grad and p.grad is None]
+    by_kind: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for parameter in missing:
+        by_kind.setdefault((parameter.dtype, parameter.device), []).append(parameter)
+    for (dtype, device), group in by_kind.items():
+        block = torch.zeros(sum(p.numel() for p in group), dtype=dtype, device=device)
+        offset = 0
+        for parameter in group:
+            parameter.grad = block[offset : offset + parameter.numel()].view_as(parameter)
+            offset += parameter.numel()

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import hashlib
 import importlib.util
+import mmap
 import os
 import shutil
 import tempfile
@@ -165,6 +166,38 @@ def wrap_lora(model: nn.Module, config: GRPOConfig) -> nn.Module:
 REFERENCE_ADAPTER = "reference"
 
 
+class MappedParameters:
+    """A module's parameters moved into an unnamed file in ``directory``, memory-mapped: the operating system
+    reads them back from its page cache when they are used, and :meth:`release` takes them out of the
+    process's resident memory until the next use. For a frozen copy that is read once per step.
+
+    The mapping is shared, so writes to the parameters (``load_state_dict``) go to the file and survive a
+    release. Tied parameters stay tied (one region each).
+    """
+
+    ALIGNMENT = 64  # bytes: a cache line, so each tensor starts where vectorised kernels like it
+
+    @torch.no_grad()
+    def __init__(self, module: nn.Module, directory: Path):
+        unique = list({id(p): p for p in module.parameters()}.values())
+        offsets, size = [], 0
+        for parameter in unique:
+            offsets.append(size)
+            size += -(-parameter.numel() * parameter.element_size() // self.ALIGNMENT) * self.ALIGNMENT
+        with tempfile.TemporaryFile(dir=directory) as file:  # unnamed once closed: gone with the process
+            file.truncate(max(size, 1))
+            self.map = mmap.mmap(file.fileno(), max(size, 1))
+        for parameter, offset in zip(unique, offsets, strict=True):
+            count = parameter.numel()
+            mapped = torch.frombuffer(self.map, dtype=parameter.dtype, count=count, offset=offset)
+            parameter.data = mapped.view(parameter.shape).copy_(parameter.data)
+        self.release()
+
+    def release(self) -> None:
+        """Drop the mapped pages from this process's resident memory (their contents stay in the file)."""
+        self.map.madvise(mmap.MADV_DONTNEED)
+
+
 class PolicyAndReference:
     """The trainable policy and a way to run the frozen reference model.
 
@@ -184,6 +217,17 @@ class PolicyAndReference:
         self._reference = reference
         self.uses_adapters = uses_adapters
         self.needs_reference = needs_reference
+        self._mapped_reference: MappedParameters | None = None
+
+    def offload_reference(self, directory: Path) -> bool:
+        """Keep a frozen reference copy's weights in a mapped file in ``directory``, resident only while the
+        reference runs (see :class:`MappedParameters`). True when there is such a copy, on the CPU."""
+        reference = self._reference
+        if reference is None or next(reference.parameters()).device.type != "cpu":
+            return False
+        if self._mapped_reference is None:
+            self._mapped_reference = MappedParameters(reference, directory)
+        return True
 
     @property
     def has_reference_adapter(self) -> bool:
@@ -204,7 +248,15 @@ class PolicyAndReference:
             with self.policy.disable_adapter():
                 yield self.policy
         else:
-            yield self._reference
+            try:
+                yield self._reference
+            finally:
+                self.release_reference()
+
+    def release_reference(self) -> None:
+        """Take an offloaded reference's weights out of resident memory until they are next read."""
+        if self._mapped_reference is not None:
+            self._mapped_reference.release()
 
     def to(self, device: torch.device) -> PolicyAndReference:
         """Move the policy and a reference copy to ``device``."""
@@ -225,6 +277,7 @@ class PolicyAndReference:
             return
         if not self.uses_adapters:
             self._reference.load_state_dict(self.policy.state_dict())
+            self.release_reference()
             return
         trained = self.policy.active_adapter
         if not self.has_reference_adapter:

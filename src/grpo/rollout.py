@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -500,7 +501,12 @@ class _HeadLogSoftmax(torch.autograd.Function):
     at a time: the (rows, vocab) logits never exist whole, in the forward pass or the backward, which
     recomputes each chunk's logits instead of keeping them (one more LM-head product per token, in exchange
     for the largest tensor of a training micro-batch: 8 completions × 127 tokens × 49,152 logits are 200 MB
-    in float32). The gradient reaches the hidden states and, when it is trained, the weight."""
+    in float32). The gradient reaches the hidden states and, when it is trained, the weight.
+
+    When only the hidden states need a gradient (a frozen head, as under LoRA), the forward pass also keeps
+    each row's expected output embedding, softmax @ weight: the gradient of log p[token] with respect to the
+    row is then (weight[token] − expected) / temperature, and the backward pass needs no product at all —
+    two LM-head products per token instead of three."""
 
     ROWS_PER_CHUNK = 256
 
@@ -517,6 +523,10 @@ class _HeadLogSoftmax(torch.autograd.Function):
         logps = hidden.new_empty(rows, dtype=torch.float32)
         lse = torch.empty_like(logps)
         entropy = torch.empty_like(logps) if with_entropy else logps.new_empty(0)
+        # A frozen head: keep softmax @ weight per row (H values) instead of recomputing logits later.
+        expected = None
+        if ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]:
+            expected = torch.empty_like(hidden)
         for part in _row_chunks(rows, _HeadLogSoftmax.ROWS_PER_CHUNK):
             logits = _chunk_logits(hidden[part], weight, temperature)
             peak = logits.amax(dim=-1, keepdim=True)
@@ -526,17 +536,35 @@ class _HeadLogSoftmax(torch.autograd.Function):
             logps[part] = logits.gather(-1, tokens[part].unsqueeze(-1)).squeeze(-1) - lse[part]
             if with_entropy:
                 entropy[part] = lse[part] - torch.linalg.vecdot(shifted, logits) / total
-        ctx.save_for_backward(hidden, weight, tokens, lse)
+            if expected is not None:
+                torch.matmul(shifted.to(weight.dtype), weight, out=expected[part])
+                expected[part] /= total.unsqueeze(-1).to(weight.dtype)
+        if expected is not None:
+            ctx.save_for_backward(weight, tokens, expected)
+        else:
+            ctx.save_for_backward(hidden, weight, tokens, lse)
         ctx.temperature = temperature
+        ctx.frozen_head = expected is not None
+        # Inside in_place_weight_gradients, the weight's gradient goes straight into its .grad.
+        in_place = ctx.needs_input_grad[1] and _GRADIENTS_IN_PLACE.get() and _plain_leaf(weight)
+        ctx.grad_into = weight if in_place else None
         ctx.mark_non_differentiable(entropy)
         return logps, entropy
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor, _: torch.Tensor) -> tuple[Any, ...]:
+        if ctx.frozen_head:
+            weight, tokens, expected = ctx.saved_tensors
+            scale = (grad / ctx.temperature).unsqueeze(-1).to(expected.dtype)
+            return (weight[tokens] - expected).mul_(scale), None, None, None, None
         hidden, weight, tokens, lse = ctx.saved_tensors
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_weight = torch.zeros_like(weight) if want_weight else None
+        grad_weight = None
+        if ctx.grad_into is not None:
+            grad_weight = _dense_grad(ctx.grad_into)
+        elif want_weight:
+            grad_weight = torch.zeros_like(weight)
         for part in _row_chunks(len(hidden), _HeadLogSoftmax.ROWS_PER_CHUNK):
             logits = _chunk_logits(hidden[part], weight, ctx.temperature)
             # d log p[token] / d logits = one-hot(token) − softmax, times the incoming gradient.
@@ -547,7 +575,68 @@ class _HeadLogSoftmax(torch.autograd.Function):
                 torch.matmul(grad_logits, weight, out=grad_hidden[part])
             if grad_weight is not None:
                 grad_weight.addmm_(grad_logits.T, hidden[part])
+        if ctx.grad_into is not None:
+            grad_weight = None  # already in .grad
         return grad_hidden, grad_weight, None, None, None
+
+
+_GRADIENTS_IN_PLACE = contextvars.ContextVar("gradients_in_place", default=False)
+
+
+def _dense_grad(parameter: torch.Tensor) -> torch.Tensor:
+    if parameter.grad is None:
+        parameter.grad = torch.zeros_like(parameter)
+    return parameter.grad
+
+
+@contextlib.contextmanager
+def in_place_weight_gradients(model: nn.Module) -> Iterator[None]:
+    """Forward and backward passes run inside this put the (trained) LM head's and input embedding's weight
+    gradients straight into their ``.grad`` (made zero first when missing), as a training loop that calls
+    ``loss.backward()`` would have them. Autograd would otherwise hold each whole-vocabulary gradient until
+    the last use of the weight is differentiated: with tied weights, three 113 MB tensors for the default
+    model (the head's, the prompts' and the completions' embeddings), summed at the end of the backward
+    pass. Here the head adds its gradient itself and the embedding's gradients are sparse (only the rows of
+    tokens that occur), added into the dense ``.grad``. Not for ``torch.autograd.grad``, which would not see
+    them; nothing changes for frozen weights or weights with hooks."""
+    base = unwrap(model)
+    embedding = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    sparse = type(embedding) is nn.Embedding and _plain_leaf(embedding.weight) and not embedding.sparse
+    if sparse:
+        _dense_grad(embedding.weight)  # so that sparse gradients are added into it, never become it
+        embedding.sparse = True
+    token = _GRADIENTS_IN_PLACE.set(True)
+    try:
+        yield
+    finally:
+        _GRADIENTS_IN_PLACE.reset(token)
+        if sparse:
+            embedding.sparse = False
+
+
+def _stand_ins_sharing_gradients(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Inside :func:`in_place_weight_gradients`, for the prompt pass of :func:`shared_prompt_forward`: a
+    stand-in for each trained weight, sharing its values and its ``.grad`` tensor.
+
+    Both passes use every weight, and autograd sums a weight's gradients from all its uses before adding
+    them to ``.grad``: the completion pass's gradients (as large as the trained weights) would wait for the
+    prompt pass's, which come last in the backward pass. With the prompt pass on stand-ins, each pass adds
+    its gradients to the same ``.grad`` as soon as they are computed."""
+    if not _GRADIENTS_IN_PLACE.get():
+        return {}
+    stand_ins = {}
+    for name, parameter in module.named_parameters():
+        if _plain_leaf(parameter) and parameter.grad is not None and not parameter.grad.is_sparse:
+            stand_in = parameter.detach().requires_grad_()
+            stand_in.grad = parameter.grad
+            stand_ins[name] = stand_in
+    return stand_ins
+
+
+def _plain_leaf(weight: torch.Tensor) -> bool:
+    """A trained parameter whose gradient nothing else watches (no hooks)."""
+    hooks = weight._backward_hooks or getattr(weight, "_post_accumulate_grad_hooks", None)
+    return weight.requires_grad and weight.is_leaf and not hooks
 
 
 def _row_chunks(rows: int, size: int) -> list[slice]:
@@ -625,10 +714,10 @@ def checkpointing_flags(model: nn.Module, **flags: bool) -> Iterator[None]:
 class SharedPromptOutputs:
     """What the model says at each completion token's position, from :func:`shared_prompt_forward`."""
 
-    first_logits: torch.Tensor  # (B, 1, V): the prompt's last position, which predicts the first token
+    first_logits: torch.Tensor | None  # (B, 1, V): the prompt's last position, which predicts the first token
     rest_logits: torch.Tensor | None  # (B, C − 1, V): the completion's positions that predict the rest
     hidden_states: torch.Tensor | None  # (B, C, H): the final hidden states behind those logits, if asked
-    rest_hidden: torch.Tensor | None = None  # (B, C − 1, H): instead of rest_logits, under ``head_free``
+    head_hidden: torch.Tensor | None = None  # (B, C, H): under ``head_free``, instead of any logits
 
     def token_logps(
         self,
@@ -640,11 +729,11 @@ class SharedPromptOutputs:
         """Per-token log-probs (B, C) of ``completion_ids`` (and entropies, with ``with_entropy``), from
         the logits or, under ``head_free``, from ``head`` applied a chunk at a time. Log-probs are joined,
         not the (much larger) logits."""
+        if self.head_hidden is not None:
+            return head_token_logps(self.head_hidden, head, completion_ids, temperature, with_entropy)
         pieces = [token_logps(self.first_logits, completion_ids[:, :1], temperature, True, with_entropy)]
-        rest = completion_ids[:, 1:]
-        if self.rest_hidden is not None:
-            pieces.append(head_token_logps(self.rest_hidden, head, rest, temperature, with_entropy))
-        elif self.rest_logits is not None:
+        if self.rest_logits is not None:
+            rest = completion_ids[:, 1:]
             pieces.append(token_logps(self.rest_logits, rest, temperature, True, with_entropy))
         if with_entropy:
             return torch.cat([p[0] for p in pieces], dim=1), torch.cat([p[1] for p in pieces], dim=1)
@@ -665,20 +754,27 @@ def shared_prompt_forward(
     cache gathered to one row per completion, then the completion tokens against it. The first completion
     token is predicted by the prompt's last position; the last one predicts nothing we need, so it is not
     fed in. With ``output_hidden_states`` also the final hidden state at each of those positions (PPO's
-    value head reads them). With ``head_free`` the completion pass stops before the LM head and returns its
-    final hidden states (``rest_hidden``) for :func:`head_token_logps`."""
+    value head reads them). With ``head_free`` both passes stop before the LM head and the final hidden
+    states at those positions are returned (``head_hidden``) for :func:`head_token_logps`."""
     used, local_index = torch.unique(prompt_index, return_inverse=True)
     prompt_ids, prompt_mask = prompt_ids[used], prompt_mask[used]
     positions = prompt_positions(prompt_mask)
+    # The decoder alone (its final norm included) when the caller applies the head itself.
+    runner = unwrap(model).get_decoder() if head_free else model
+    prompt_kwargs = dict(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=positions,
+        use_cache=True,
+        output_hidden_states=output_hidden_states,
+        **({} if head_free else {"logits_to_keep": 1}),
+    )
     with checkpointing_flags(model, gradient_checkpointing=False):
-        out = model(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-            output_hidden_states=output_hidden_states,
-        )
+        stand_ins = _stand_ins_sharing_gradients(runner)
+        if stand_ins:
+            out = torch.func.functional_call(runner, stand_ins, (), prompt_kwargs, strict=False)
+        else:
+            out = runner(**prompt_kwargs)
     prefix = Cache(
         layers=[
             PromptPrefixLayer.holding(layer.keys[local_index], layer.values[local_index])
@@ -689,11 +785,9 @@ def shared_prompt_forward(
     attention_mask = torch.cat([prompt_mask[local_index], completion_mask.to(prompt_mask.dtype)], dim=1)
     completion_positions = positions[local_index, -1:] + 1 + torch.arange(width, device=positions.device)
     hidden = [out.hidden_states[-1][local_index, -1:]] if output_hidden_states else []
+    head_hidden = [out.last_hidden_state[local_index, -1:]] if head_free else []
     rest_logits = None
-    rest_hidden = None
     if width > 1:
-        # The decoder alone (its final norm included) when the caller applies the head itself.
-        runner = unwrap(model).get_decoder() if head_free else model
         with checkpointing_flags(model, _can_checkpoint_with_cache=True):
             rest = runner(
                 input_ids=completion_ids[:, :-1],
@@ -704,13 +798,16 @@ def shared_prompt_forward(
                 output_hidden_states=output_hidden_states,
             )
         if head_free:
-            rest_hidden = rest.last_hidden_state
+            head_hidden.append(rest.last_hidden_state)
         else:
             rest_logits = rest.logits
         if output_hidden_states:
             hidden.append(rest.hidden_states[-1])
     return SharedPromptOutputs(
-        out.logits[local_index, -1:], rest_logits, torch.cat(hidden, dim=1) if hidden else None, rest_hidden
+        first_logits=None if head_free else out.logits[local_index, -1:],
+        rest_logits=rest_logits,
+        hidden_states=torch.cat(hidden, dim=1) if hidden else None,
+        head_hidden=torch.cat(head_hidden, dim=1) if head_free else None,
     )
 
 

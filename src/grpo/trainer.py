@@ -54,11 +54,11 @@ from grpo.errors import RewardError, RunFailed, RunInterrupted
 from grpo.files import write_text_atomic
 from grpo.generation import GenerationBackend, make_backend
 from grpo.losses import policy_loss, softmax_weighted_loss
-from grpo.memory import map_blocks_from, release_free_memory
+from grpo.memory import gradients_in_one_block, map_blocks_from, release_free_memory
 from grpo.models import REFERENCE_ADAPTER, PolicyAndReference, trainable_parameters
 from grpo.rewards import Reward, score_groups, weighted_sum
 from grpo.rewards.process import score_steps, split_steps, token_steps
-from grpo.rollout import Rollout, completion_logps, generate
+from grpo.rollout import Rollout, completion_logps, generate, in_place_weight_gradients
 
 
 @dataclass
@@ -178,6 +178,9 @@ class GRPOTrainer:
         self.watch = Watch()  # the diagnostic warnings shown so far (each once, until it clears)
         if config.release_memory:
             map_blocks_from(MAPPED_BLOCK_MB)
+        if config.offload_reference:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            models.offload_reference(output_dir)
         self.backend: GenerationBackend | None = None  # what samples (grpo.generation), built when first used
         self.backend_is_stale = False  # the policy changed since the backend last saw its weights
 
@@ -403,9 +406,14 @@ class GRPOTrainer:
         grad_norms = []
         self.policy.train()
         for _ in range(c.num_iterations):
+            if not self.sharded:
+                gradients_in_one_block(self.policy.parameters())
             for s in slices:
                 policy_logps = functools.partial(completion_logps, self.policy, with_entropy=with_entropy)
-                logps = tensors.run(policy_logps, s)
+                # (A sharded model's gradients are FSDP's to reduce.)
+                plain = contextlib.nullcontext()
+                with plain if self.sharded else in_place_weight_gradients(self.policy):
+                    logps = tensors.run(policy_logps, s)
                 mask = loss_mask[s]
                 if with_entropy:
                     logps, entropy = logps
@@ -449,6 +457,7 @@ class GRPOTrainer:
             if not self.sharded:  # (FSDP has already reduced them)
                 sum_gradients_(params, self.ranks, gradient_scale)
             loss_so_far = self.ranks.mean_of({"loss": sums["loss"]})["loss"]  # every rank skips, or none
+            self._release_memory()  # the activations' heap, before AdamW's temporaries
             grad_norms.append(self._optimizer_step(loss_so_far))
             self._release_memory()
             sums["skipped_updates"] += 0 if math.isfinite(grad_norms[-1]) else 1
@@ -495,22 +504,26 @@ class GRPOTrainer:
         """The reference model's log-probs of the batch's completions (see :meth:`inference_logps`)."""
         self.policy.eval()
         with self.models.reference() as reference:
-            return self.inference_logps(reference, tensors)
+            return self.inference_logps(reference, tensors, packed=self.models.release_reference)
 
     def policy_logps(self, tensors: TrainingTensors) -> torch.Tensor:
         """The policy's log-probs of the batch's completions as it is now (see :meth:`inference_logps`)."""
         self.policy.eval()
         return self.inference_logps(self.policy, tensors)
 
-    def inference_logps(self, model: nn.Module, tensors: TrainingTensors) -> torch.Tensor:
+    def inference_logps(
+        self, model: nn.Module, tensors: TrainingTensors, packed: Callable[[], None] | None = None
+    ) -> torch.Tensor:
         """``model``'s log-probs of the batch's completions, in inference mode, through the fused decoder
-        where it applies."""
+        where it applies (``packed`` is called once that has its own copies of the weights)."""
         c = self.config
         # A sharded model's forward gathers weights into tensors that inference mode would not let it reuse.
         with torch.no_grad() if self.sharded else torch.inference_mode():
             if c.fused_inference and fused.supports(model):
                 batch_hint = c.per_device_train_batch_size * c.max_completion_length
                 score = fused.FusedDecoder(model, batch_hint).completion_logps
+                if packed is not None:
+                    packed()
             else:
                 score = functools.partial(completion_logps, model)
             logps = torch.cat([tensors.run(score, s) for s in tensors.slices])
