@@ -6,9 +6,10 @@
 Each (framework, configuration) runs in a fresh process, alternating grpo and TRL, so that peak resident
 memory is the process's own. Both train the default model (SmolLM2-135M-Instruct, fp32 on the CPU) on the
 same story prompts, which the model answers at length, with one cheap reward, β = 0.04 (so a reference model
-is used), loss_type "grpo", 4 prompts × 8 completions × at most 128 tokens per step, micro-batches of 8.
-A "step" is one generation batch and its μ optimizer passes, for both. TRL runs with its own defaults for
-memory (gradient checkpointing on) in fp32 on the CPU.
+is used), loss_type "grpo", 4 prompts × 8 completions × at most 128 tokens per step. A "step" is one
+generation batch and its μ optimizer passes, for both. TRL runs with its own defaults for memory (gradient
+checkpointing on) in fp32 on the CPU, micro-batches of 8; grpo with its lean settings (LEAN below), or with
+its defaults in the "-defaults" configurations.
 
 It prints, per configuration: median seconds per step, peak resident memory, generated tokens per second,
 mean completion length, and the ratios grpo/TRL; then this machine's limits (matmul FLOP/s, memory
@@ -33,21 +34,25 @@ from pathlib import Path
 
 import torch
 
-# grpo's lean setting: gradient checkpointing (as TRL runs by default) and memory given back between phases.
-CHECKPOINTED = {"num_iterations": 1, "gradient_checkpointing": True, "release_memory": True}
-CONFIGS = {
-    "lora-mu1": {"use_lora": True, "num_iterations": 1},
-    "lora-mu2": {"use_lora": True, "num_iterations": 2},
-    "full-mu1": {"use_lora": False, "num_iterations": 1},
-    "full-mu2": {"use_lora": False, "num_iterations": 2},
-    # grpo with gradient checkpointing, as TRL always runs here; compared with TRL's run without "-gc".
-    **{
-        f"{base}-gc": {**CHECKPOINTED, "use_lora": base == "lora-mu1", "trl_as": base}
-        for base in ("lora-mu1", "full-mu1")
+# grpo's lean settings, as a user short of memory would pick them: memory given back between phases, and
+# micro-batches of 4. Under LoRA without gradient checkpointing (a frozen model's activations are small
+# enough); under full fine-tuning with it, and the reference copy offloaded to a mapped file.
+LEAN = {
+    "lora": {"per_device_train_batch_size": 4, "release_memory": True},
+    "full": {
+        "per_device_train_batch_size": 4,
+        "release_memory": True,
+        "gradient_checkpointing": True,
+        "offload_reference": True,
     },
-    # The same without release_memory (glibc keeps what it frees): what giving memory back costs in time.
-    "lora-mu1-gc-keep": {**CHECKPOINTED, "use_lora": True, "trl_as": "lora-mu1", "release_memory": False},
 }
+CONFIGS = {
+    f"{mode}-mu{mu}": {"use_lora": mode == "lora", "num_iterations": mu, "grpo": LEAN[mode]}
+    for mode in ("lora", "full")
+    for mu in (1, 2)
+}
+# grpo with its defaults (micro-batches of 8, no checkpointing, memory kept), against TRL's run of the base.
+CONFIGS |= {f"{name}-defaults": {**c, "grpo": {}, "trl_as": name} for name, c in list(CONFIGS.items())}
 PROMPTS_PER_STEP, GROUP, COMPLETION_TOKENS, MICRO_BATCH, BETA = 4, 8, 128, 8, 0.04
 TOPICS = ["a lighthouse", "a lost key", "the first snow", "a robot chef", "a night train", "an old map",
           "a talking cat", "a quiet library", "a storm at sea", "a garden on the moon", "a broken clock",
@@ -72,14 +77,13 @@ def run_grpo(model_dir: str, config: dict, steps: int, warmup: int) -> dict:
     from grpo.rewards import Reward
     from grpo.trainer import GRPOTrainer
 
+    settings = {"per_device_train_batch_size": MICRO_BATCH, **config.get("grpo", {})}
     cfg = GRPOConfig(
         model_name_or_path=model_dir, use_lora=config["use_lora"], num_iterations=config["num_iterations"],
-        num_generations=GROUP, per_device_train_batch_size=MICRO_BATCH,
-        gradient_accumulation_steps=PROMPTS_PER_STEP * GROUP // MICRO_BATCH,
-        gradient_checkpointing=config.get("gradient_checkpointing", False),
-        release_memory=config.get("release_memory", False),
+        num_generations=GROUP,
+        gradient_accumulation_steps=PROMPTS_PER_STEP * GROUP // settings["per_device_train_batch_size"],
         max_completion_length=COMPLETION_TOKENS, beta=BETA, loss_type="grpo", learning_rate=1e-6,
-        max_steps=steps + warmup, warmup_steps=0, seed=0,
+        max_steps=steps + warmup, warmup_steps=0, seed=0, **settings,
     )  # fmt: skip
     torch.manual_seed(0)
     models, tokenizer = load_policy(cfg, model_dir)
@@ -241,7 +245,8 @@ def summarise(results: dict, facts: dict, flops: float, bandwidth: float) -> str
         f"date {date.today()}  machine {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads",
         f"settings: {PROMPTS_PER_STEP} prompts × {GROUP} completions × ≤{COMPLETION_TOKENS} tokens, "
-        f"micro-batch {MICRO_BATCH}, beta {BETA}, loss grpo, fp32; medians over timed steps",
+        f"beta {BETA}, loss grpo, fp32; TRL micro-batch {MICRO_BATCH} with gradient checkpointing, grpo "
+        f"lean: {json.dumps(LEAN)}; medians over timed steps",
         "",
         "| config | grpo s/step | TRL s/step | ratio | grpo peak MB | TRL peak MB | ratio "
         "| grpo gen tok/s | TRL gen tok/s | grpo mean len | TRL mean len |",

@@ -25,9 +25,18 @@ def logits(model) -> torch.Tensor:
         return model(input_ids=IDS).logits
 
 
-@pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
-def test_after_a_sync_the_reference_is_a_frozen_copy_of_the_policy(tiny_model, use_lora):
+@pytest.mark.parametrize(
+    ("use_lora", "offload"), [(True, False), (False, False), (False, True)], ids=["lora", "full", "offloaded"]
+)
+def test_after_a_sync_the_reference_is_a_frozen_copy_of_the_policy(tiny_model, use_lora, offload, tmp_path):
     models, _ = load_policy(GRPOConfig(model_name_or_path=str(tiny_model), use_lora=use_lora, beta=0.1))
+    if offload:  # the reference's weights in a mapped file, dropped from memory after each use
+        base_logits = logits(models.reference_model)
+        assert models.offload_reference(tmp_path)
+        torch.testing.assert_close(logits(models.reference_model), base_logits)
+        reference = models.reference_model
+        assert reference.get_input_embeddings().weight is reference.get_output_embeddings().weight  # tied
+        assert list(tmp_path.iterdir()) == [], "the file has no name: nothing is left behind"
     trainable = set(trainable_parameters(models.policy))
     torch.manual_seed(0)
     with torch.no_grad():
@@ -100,3 +109,17 @@ def test_syncing_every_step_zeroes_the_kl_at_the_next_and_resumes_exactly(
     a = load_file(tmp_path / "straight" / "checkpoint-3" / weights)
     b = load_file(tmp_path / "resumed" / "checkpoint-3" / weights)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_offloaded_reference_trains_exactly_as_one_in_memory(
+    tiny_model, tiny_dataset, tmp_path, reward_file
+):
+    def run(output, *extra: str) -> list[dict]:
+        common = [*base_args(tiny_model, tiny_dataset, output, reward_file), "--no-use-lora"]
+        train([*common, "--beta", "0.1", "--max-steps", "3", "--learning-rate", "1e-3", *extra])
+        timing = {"step_time", "generation_time", "tokens_per_second"}
+        return [{k: v for k, v in m.items() if k not in timing} for m in lines(output)]
+
+    offloaded = run(tmp_path / "offloaded", "--offload-reference")
+    assert offloaded == run(tmp_path / "in-memory")
+    assert offloaded[-1]["kl"] > 0  # the reference was used, and the policy moved away from it
