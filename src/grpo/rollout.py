@@ -597,8 +597,10 @@ def in_place_weight_gradients(model: nn.Module) -> Iterator[None]:
     the last use of the weight is differentiated: with tied weights, three 113 MB tensors for the default
     model (the head's, the prompts' and the completions' embeddings), summed at the end of the backward
     pass. Here the head adds its gradient itself and the embedding's gradients are sparse (only the rows of
-    tokens that occur), added into the dense ``.grad``. Not for ``torch.autograd.grad``, which would not see
-    them; nothing changes for frozen weights or weights with hooks."""
+    tokens that occur), added into the dense ``.grad``; and the prompt pass of :func:`shared_prompt_forward`
+    runs on stand-ins that share the weights' ``.grad`` (see :func:`_stand_ins_sharing_gradients`). Not for
+    ``torch.autograd.grad``, which would not see them; nothing changes for frozen weights or weights with
+    hooks."""
     base = unwrap(model)
     embedding = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
     sparse = type(embedding) is nn.Embedding and _plain_leaf(embedding.weight) and not embedding.sparse

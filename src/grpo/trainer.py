@@ -453,6 +453,9 @@ class GRPOTrainer:
                 sums["loss"] += loss.item() / c.num_iterations
                 for key, value in metrics.items():
                     sums[key] += value / (len(slices) * c.num_iterations)
+                # The spent graph holds the prompt pass's stand-ins, which hold the gradients: let it go now,
+                # not when the next micro-batch (or update) replaces it.
+                del logps, loss
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
             if not self.sharded:  # (FSDP has already reduced them)
                 sum_gradients_(params, self.ranks, gradient_scale)
