@@ -3,6 +3,7 @@ LoRA (a frozen copy of the adapters) and full fine-tuning (a copy of the weights
 
 from __future__ import annotations
 
+import ctypes
 import json
 
 import pytest
@@ -37,6 +38,10 @@ def test_after_a_sync_the_reference_is_a_frozen_copy_of_the_policy(tiny_model, u
         reference = models.reference_model
         assert reference.get_input_embeddings().weight is reference.get_output_embeddings().weight  # tied
         assert list(tmp_path.iterdir()) == [], "the file has no name: nothing is left behind"
+        mapping = models._mapped_reference.map
+        start = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+        for parameter in reference.parameters():  # every weight lives in the mapped file
+            assert start <= parameter.data_ptr() < start + len(mapping)
     trainable = set(trainable_parameters(models.policy))
     torch.manual_seed(0)
     with torch.no_grad():
