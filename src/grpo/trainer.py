@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers import get_scheduler
 
-from grpo import fused, sharding
+from grpo import fused, onednn, sharding
 from grpo.advantages import (
     group_advantages,
     leave_one_out_advantages,
@@ -178,6 +178,8 @@ class GRPOTrainer:
         self.watch = Watch()  # the diagnostic warnings shown so far (each once, until it clears)
         if config.release_memory:
             map_blocks_from(MAPPED_BLOCK_MB)
+        if config.onednn_linear and not self.sharded:
+            onednn.route_linears(self.policy)
         if config.offload_reference:
             output_dir.mkdir(parents=True, exist_ok=True)
             models.offload_reference(output_dir)

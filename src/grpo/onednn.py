@@ -1,0 +1,76 @@
+"""Linear layers through oneDNN on a CPU, for training.
+
+PyTorch runs float32 ``F.linear`` on a CPU through its BLAS (MKL in the PyPI wheels). On this project's AMD
+EPYC machine MKL reaches about 220 GFLOP/s on the model's products, where oneDNN's kernels, which PyTorch also
+ships, reach 500 on the same shapes (1,016 × 576 × 1,536: 8.3 against 3.7 ms), with results equal to float
+rounding. :func:`route_linears` sends a model's linear layers (LoRA's included) through
+:class:`OneDNNLinear`, whose backward pass uses oneDNN too. It patches each layer's ``forward``, not a
+global mode, so that gradient checkpointing's recomputation runs the same code as the forward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weightᵀ (+ bias) for 2-D x and weight, through oneDNN."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.contiguous(), bias, "none", [], "")
+
+
+class OneDNNLinear(torch.autograd.Function):
+    """``F.linear`` with the forward and backward products through oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        out = _product(x.reshape(-1, x.shape[-1]), weight, bias)
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        rows = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:  # grad @ weight
+            grad_x = _product(rows, weight.t()).view(x.shape)
+        if ctx.needs_input_grad[1]:  # gradᵀ @ x
+            grad_weight = _product(rows.t(), x.reshape(-1, x.shape[-1]).t())
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = rows.sum(0)
+        return grad_x, grad_weight, grad_bias
+
+
+def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and x.numel() > 0
+        and not isinstance(weight, torch.distributed.tensor.DTensor)
+    )
+
+
+def _forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if _applies(x, module.weight):
+        return OneDNNLinear.apply(x, module.weight, module.bias)
+    return F.linear(x, module.weight, module.bias)
+
+
+def available() -> bool:
+    return torch.backends.mkldnn.is_available()
+
+
+def route_linears(model: nn.Module) -> int:
+    """Send every ``nn.Linear`` of ``model`` through :class:`OneDNNLinear` (float32 on a CPU; anything else
+    keeps ``F.linear``). Returns how many layers it routed."""
+    if not available():
+        return 0
+    routed = 0
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.forward = _forward.__get__(module)
+            routed += 1
+    return routed
