@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from grpo.sharding import is_sharded
+
 
 def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weightᵀ (+ bias) for 2-D x and weight, through oneDNN."""
@@ -45,12 +47,7 @@ class OneDNNLinear(torch.autograd.Function):
 
 
 def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (
-        x.device.type == "cpu"
-        and x.dtype == weight.dtype == torch.float32
-        and x.numel() > 0
-        and not isinstance(weight, torch.distributed.tensor.DTensor)
-    )
+    return x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.numel() > 0
 
 
 def _forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -65,8 +62,9 @@ def available() -> bool:
 
 def route_linears(model: nn.Module) -> int:
     """Send every ``nn.Linear`` of ``model`` through :class:`OneDNNLinear` (float32 on a CPU; anything else
-    keeps ``F.linear``). Returns how many layers it routed."""
-    if not available():
+    keeps ``F.linear``). Returns how many layers it routed: none of a model sharded by FSDP, whose weights
+    are gathered by its own hooks."""
+    if not available() or is_sharded(model):
         return 0
     routed = 0
     for module in model.modules():

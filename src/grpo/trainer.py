@@ -178,7 +178,7 @@ class GRPOTrainer:
         self.watch = Watch()  # the diagnostic warnings shown so far (each once, until it clears)
         if config.release_memory:
             map_blocks_from(MAPPED_BLOCK_MB)
-        if config.onednn_linear and not self.sharded:
+        if config.onednn_linear:
             onednn.route_linears(self.policy)
         if config.offload_reference:
             output_dir.mkdir(parents=True, exist_ok=True)
