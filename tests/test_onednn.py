@@ -54,3 +54,20 @@ def test_a_routed_model_trains_with_the_same_gradients_under_checkpointing(tiny_
     assert results[0].keys() == results[1].keys()
     for name in results[0]:
         torch.testing.assert_close(results[1][name], results[0][name], atol=1e-5, rtol=1e-4)
+
+
+def test_transposed_and_expanded_operands_are_read_right():
+    """The products read transposed views in place; any other layout (here a stride-0 gradient from
+    ``sum().backward()`` and a strided slice) is copied first."""
+    torch.manual_seed(0)
+    weight = torch.randn(24, 16)
+    x = torch.randn(16, 7).t()  # column-major
+    torch.testing.assert_close(onednn.linear(x, weight), x @ weight.T)
+    torch.testing.assert_close(onednn.linear(x, weight.t()[:, :5].t()), x @ weight[:5].T)
+    sliced = torch.randn(7, 32)[:, ::2]
+    torch.testing.assert_close(onednn.linear(sliced, weight), sliced @ weight.T)
+
+    x, weight = x.clone().requires_grad_(), weight.requires_grad_()
+    onednn.OneDNNLinear.apply(x, weight, None).sum().backward()
+    torch.testing.assert_close(x.grad, weight.sum(0).expand(7, 16))
+    torch.testing.assert_close(weight.grad, x.sum(0).expand(24, 16))

@@ -271,6 +271,24 @@ def test_selective_log_softmax_reusing_the_logits_gives_the_same_gradient():
         logps.sum().backward()
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_log_probs_worked_out_in_the_logits_memory_match_token_logps(temperature):
+    from grpo.rollout import token_logps, token_logps_in_place
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 30, 50) * 4
+    tokens = torch.randint(0, 50, (2, 30))
+    expected = token_logps(logits, tokens, temperature)
+    scratch = logits.clone()
+    torch.testing.assert_close(token_logps_in_place(scratch, tokens, temperature), expected)
+    assert not torch.equal(scratch, logits)  # it did use that memory
+    half = logits.bfloat16()  # cast first, as token_logps does, leaving the caller's tensor alone
+    torch.testing.assert_close(
+        token_logps_in_place(half, tokens, temperature), token_logps(half, tokens, temperature)
+    )
+    assert torch.equal(half, logits.bfloat16())
+
+
 def test_entropy_from_the_selective_log_softmax_matches_the_full_distribution():
     from grpo.rollout import selective_log_softmax_and_entropy
 
@@ -286,18 +304,26 @@ def test_entropy_from_the_selective_log_softmax_matches_the_full_distribution():
     assert logits.grad is not None
 
 
+@pytest.mark.parametrize("routed", [False, True], ids=["blas", "onednn"])
 @pytest.mark.parametrize("trained_head", [True, False], ids=["trained-head", "frozen-head"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_the_chunked_lm_head_gives_the_log_probs_entropy_and_gradients_of_the_whole_logits(
-    temperature, trained_head, monkeypatch
+    temperature, trained_head, routed, monkeypatch
 ):
     """head_token_logps never holds all the logits; what it computes must not differ from having them, with
-    a trained head (logits recomputed in the backward pass) or a frozen one (expected embeddings kept)."""
+    a trained head (logits recomputed in the backward pass) or a frozen one (expected embeddings kept), its
+    products through BLAS or through oneDNN (a routed head)."""
+    from grpo import onednn
     from grpo.rollout import _HeadLogSoftmax, head_token_logps
 
     monkeypatch.setattr(_HeadLogSoftmax, "ROWS_PER_CHUNK", 5)  # several chunks, the last one short
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=False).requires_grad_(trained_head)
+    if routed:
+        if not onednn.available():
+            pytest.skip("this PyTorch build has no oneDNN")
+        assert onednn.route_linears(head) == 1 and onednn.is_routed(head)
+        monkeypatch.setattr(onednn, "_product", counted := _Counted(onednn._product))
     hidden = torch.randn(3, 4, 16, requires_grad=True)
     tokens = torch.randint(50, (3, 4))
     upstream = torch.randn(3, 4)
@@ -305,6 +331,8 @@ def test_the_chunked_lm_head_gives_the_log_probs_entropy_and_gradients_of_the_wh
     logps, entropy = head_token_logps(hidden, head, tokens, temperature, with_entropy=True)
     (logps * upstream).sum().backward()
     got = (logps.detach(), entropy, hidden.grad.clone(), head.weight.grad)
+    if routed:  # forward (and backward) products of every chunk
+        assert counted.calls >= (3 if trained_head else 2) * 3
 
     hidden.grad, head.weight.grad = None, None
     whole = torch.log_softmax(head(hidden) / temperature, dim=-1)
@@ -319,6 +347,17 @@ def test_the_chunked_lm_head_gives_the_log_probs_entropy_and_gradients_of_the_wh
         torch.testing.assert_close(got[3], head.weight.grad)
     else:
         assert got[3] is None and head.weight.grad is None
+
+
+class _Counted:
+    """A function that counts its calls."""
+
+    def __init__(self, function):
+        self.function, self.calls = function, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.function(*args, **kwargs)
 
 
 def test_training_log_probs_skip_the_full_logits_where_the_head_allows(model_and_tokenizer):

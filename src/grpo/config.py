@@ -67,9 +67,9 @@ class GRPOConfig:
     LoRA step, no slower there). Off by default: on the default run's short steps the returned pages cost
     15–20% more time in page faults for no lower peak. No effect on GPU memory or without glibc."""
     onednn_linear: bool = True
-    """Run the policy's linear layers (LoRA's included) through oneDNN when training on a CPU in float32
-    (grpo.onednn): on this project's AMD machine 2.2× the speed of the default BLAS on the model's products,
-    results equal to float rounding. False keeps PyTorch's default."""
+    """Run the policy's linear layers (LoRA's included) and its LM head's chunked log-probs through oneDNN
+    when training on a CPU in float32 (grpo.onednn): on this project's AMD machine 2.2× the speed of the
+    default BLAS on the model's products, results equal to float rounding. False keeps PyTorch's default."""
     offload_reference: bool = False
     """Under full fine-tuning with a reference model (beta > 0) on a CPU, keep the reference copy's weights in
     an unnamed file in output_dir, memory-mapped: they are resident only while the reference scores a batch,

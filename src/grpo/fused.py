@@ -192,7 +192,7 @@ class FusedDecoder:
         x = F.embedding(input_ids, self.embed)
         cos, sin = self.rotary(x, positions)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        bias = attention_bias(key_mask[:, :end], start, width, self.num_heads // self.num_kv_heads, x.dtype)
+        bias = attention_bias(key_mask[:, :end], start, width, x.dtype)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         for index, layer in enumerate(self.layers):
             h = F.rms_norm(x, (self.hidden_size,), layer.input_norm, self.eps)
@@ -225,7 +225,7 @@ class FusedDecoder:
         temperature: float = 1.0,
     ) -> torch.Tensor:
         """What :func:`grpo.rollout.completion_logps` computes, without gradients: each prompt run once."""
-        from grpo.rollout import prompt_positions, token_logps
+        from grpo.rollout import prompt_positions, token_logps_in_place
 
         used, local_index = torch.unique(prompt_index, return_inverse=True)
         prompt_ids, prompt_mask = prompt_ids[used], prompt_mask[used].bool()
@@ -233,7 +233,7 @@ class FusedDecoder:
         width = completion_ids.shape[1]
         cache = self.new_cache(len(used), prompt_ids.shape[1])
         last = self.forward(prompt_ids, positions, prompt_mask, cache)[:, -1:]
-        logps = [token_logps(self.logits(last[local_index]), completion_ids[:, :1], temperature)]
+        logps = [token_logps_in_place(self.logits(last[local_index]), completion_ids[:, :1], temperature)]
         if width > 1:
             cache = cache.gathered(local_index, prompt_ids.shape[1] + width)
             key_mask = torch.cat([prompt_mask[local_index], completion_mask.bool()], dim=1)
@@ -242,7 +242,7 @@ class FusedDecoder:
             tokens = completion_ids[:, 1:]
             flat_hidden, flat_tokens = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1)
             chunks = [
-                token_logps(self.logits(h), t, temperature)
+                token_logps_in_place(self.logits(h), t, temperature)
                 for h, t in zip(flat_hidden.split(ROWS_PER_CHUNK), flat_tokens.split(ROWS_PER_CHUNK))
             ]
             logps.append(torch.cat(chunks).view(tokens.shape))
@@ -256,9 +256,9 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + rotated * sin
 
 
-def attention_bias(key_mask: torch.Tensor, start: int, width: int, groups: int, dtype: torch.dtype):
-    """Additive mask (B, 1, groups·T, L): new token t sees cached or new positions ≤ start + t that are
-    not padding. A query with nothing to see (a padding position in a prompt) gets a finite, unused row."""
+def attention_bias(key_mask: torch.Tensor, start: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask (B, 1, T, L): new token t sees cached or new positions ≤ start + t that are not
+    padding. A query with nothing to see (a padding position in a prompt) gets a finite, unused row."""
     length = key_mask.shape[1]
     causal = torch.arange(length, device=key_mask.device) <= (
         start + torch.arange(width, device=key_mask.device)
@@ -266,20 +266,25 @@ def attention_bias(key_mask: torch.Tensor, start: int, width: int, groups: int, 
     allowed = causal.unsqueeze(0) & key_mask.bool().unsqueeze(1)  # (B, T, L)
     bias = torch.zeros(allowed.shape, dtype=dtype, device=key_mask.device)
     bias.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return bias.unsqueeze(1).repeat(1, 1, groups, 1)
+    return bias.unsqueeze(1)
 
 
 def grouped_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scaling: float
 ) -> torch.Tensor:
-    """softmax(q·kᵀ·scaling + bias)·v with q (B, H, T, D) and k, v (B, H_kv, L, D), H = groups × H_kv.
+    """softmax(q·kᵀ·scaling + bias)·v with q (B, H, T, D), k and v (B, H_kv, L, D), H = groups × H_kv, and
+    bias (B, 1, T, L).
 
-    The heads that share a key/value head are stacked along the query axis, so the keys and values are
-    read as they are, not repeated per head.
+    Several tokens at once (prefill, scoring) go through PyTorch's fused attention, which reads each key and
+    value head once for its group. One token (a decoding step) does not: there the query heads that share a
+    key/value head are stacked along the query axis and take two small products, which on a CPU costs about
+    a fifth less than the fused kernel's set-up.
     """
     batch, heads, width, dim = q.shape
     kv_heads = k.shape[1]
-    stacked = q.reshape(batch, kv_heads, heads // kv_heads * width, dim)
+    if width > 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scaling, enable_gqa=True)
+    stacked = q.reshape(batch, kv_heads, heads // kv_heads, dim)
     scores = torch.matmul(stacked, k.transpose(-1, -2)).mul_(scaling).add_(bias)
     weights = scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype)  # float32 as transformers, for bf16
     return torch.matmul(weights, v).view(batch, heads, width, dim)

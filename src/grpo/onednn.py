@@ -5,7 +5,11 @@ EPYC machine MKL reaches about 220 GFLOP/s on the model's products, where oneDNN
 ships, reach 500 on the same shapes (1,016 × 576 × 1,536: 8.3 against 3.7 ms), with results equal to float
 rounding. :func:`route_linears` sends a model's linear layers (LoRA's included) through
 :class:`OneDNNLinear`, whose backward pass uses oneDNN too. It patches each layer's ``forward``, not a
-global mode, so that gradient checkpointing's recomputation runs the same code as the forward pass.
+global mode, so that gradient checkpointing's recomputation runs the same code as the forward pass; a routed
+LM head's chunked products (:func:`grpo.rollout.head_token_logps`) go through :func:`linear` as well.
+
+oneDNN reads a transposed operand in place, so the backward products take ``weight.t()`` and ``x.t()`` as
+views: copying them first cost a tenth of a training micro-batch.
 """
 
 from __future__ import annotations
@@ -17,9 +21,14 @@ from torch import nn
 from grpo.sharding import is_sharded
 
 
+def _dense(matrix: torch.Tensor) -> torch.Tensor:
+    """``matrix`` itself when it is laid out row- or column-major (what oneDNN reads), else a copy."""
+    return matrix if matrix.is_contiguous() or matrix.t().is_contiguous() else matrix.contiguous()
+
+
 def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weightᵀ (+ bias) for 2-D x and weight, through oneDNN."""
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.contiguous(), bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(_dense(x), _dense(weight), bias, "none", [], "")
 
 
 class OneDNNLinear(torch.autograd.Function):
@@ -54,6 +63,17 @@ def _forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if _applies(x, module.weight):
         return OneDNNLinear.apply(x, module.weight, module.bias)
     return F.linear(x, module.weight, module.bias)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weightᵀ for 2-D tensors outside autograd: through oneDNN where :class:`OneDNNLinear` would be
+    (``weight`` may be a transposed view), else ``F.linear``."""
+    return _product(x, weight) if _applies(x, weight) else F.linear(x, weight)
+
+
+def is_routed(module: nn.Module) -> bool:
+    """Whether :func:`route_linears` has routed this layer."""
+    return getattr(module.forward, "__func__", None) is _forward
 
 
 def available() -> bool:

@@ -9,9 +9,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
+from grpo import onednn
 from grpo.errors import DataError
 from grpo.fused import FusedDecoder, unwrap
 
@@ -518,6 +520,7 @@ class _HeadLogSoftmax(torch.autograd.Function):
         tokens: torch.Tensor,
         temperature: float,
         with_entropy: bool,
+        product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         rows = len(hidden)
         logps = hidden.new_empty(rows, dtype=torch.float32)
@@ -528,22 +531,25 @@ class _HeadLogSoftmax(torch.autograd.Function):
         if ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]:
             expected = torch.empty_like(hidden)
         for part in _row_chunks(rows, _HeadLogSoftmax.ROWS_PER_CHUNK):
-            logits = _chunk_logits(hidden[part], weight, temperature)
+            logits = _chunk_logits(product, hidden[part], weight, temperature)
+            chosen = logits.gather(-1, tokens[part].unsqueeze(-1)).squeeze(-1)
             peak = logits.amax(dim=-1, keepdim=True)
-            shifted = (logits - peak).exp_()
+            # The exponentials overwrite the logits unless the entropy still needs them: a new chunk-sized
+            # tensor costs more in page faults than the subtraction itself.
+            shifted = (logits - peak if with_entropy else logits.sub_(peak)).exp_()
             total = shifted.sum(dim=-1)
             lse[part] = total.log().add_(peak.squeeze(-1))
-            logps[part] = logits.gather(-1, tokens[part].unsqueeze(-1)).squeeze(-1) - lse[part]
+            logps[part] = chosen - lse[part]
             if with_entropy:
                 entropy[part] = lse[part] - torch.linalg.vecdot(shifted, logits) / total
             if expected is not None:
-                torch.matmul(shifted.to(weight.dtype), weight, out=expected[part])
+                expected[part] = product(shifted.to(weight.dtype), weight.t())
                 expected[part] /= total.unsqueeze(-1).to(weight.dtype)
         if expected is not None:
             ctx.save_for_backward(weight, tokens, expected)
         else:
             ctx.save_for_backward(hidden, weight, tokens, lse)
-        ctx.temperature = temperature
+        ctx.temperature, ctx.product = temperature, product
         ctx.frozen_head = expected is not None
         # Inside in_place_weight_gradients, the weight's gradient goes straight into its .grad.
         in_place = ctx.needs_input_grad[1] and _GRADIENTS_IN_PLACE.get() and _plain_leaf(weight)
@@ -556,7 +562,7 @@ class _HeadLogSoftmax(torch.autograd.Function):
         if ctx.frozen_head:
             weight, tokens, expected = ctx.saved_tensors
             scale = (grad / ctx.temperature).unsqueeze(-1).to(expected.dtype)
-            return (weight[tokens] - expected).mul_(scale), None, None, None, None
+            return (weight[tokens] - expected).mul_(scale), None, None, None, None, None
         hidden, weight, tokens, lse = ctx.saved_tensors
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
@@ -566,18 +572,19 @@ class _HeadLogSoftmax(torch.autograd.Function):
         elif want_weight:
             grad_weight = torch.zeros_like(weight)
         for part in _row_chunks(len(hidden), _HeadLogSoftmax.ROWS_PER_CHUNK):
-            logits = _chunk_logits(hidden[part], weight, ctx.temperature)
+            logits = _chunk_logits(ctx.product, hidden[part], weight, ctx.temperature)
             # d log p[token] / d logits = one-hot(token) − softmax, times the incoming gradient.
             grad_logits = logits.sub_(lse[part].unsqueeze(-1)).exp_().mul_(-grad[part].unsqueeze(-1))
             grad_logits.scatter_add_(-1, tokens[part].unsqueeze(-1), grad[part].unsqueeze(-1))
             grad_logits = grad_logits.div_(ctx.temperature).to(hidden.dtype)
             if grad_hidden is not None:
-                torch.matmul(grad_logits, weight, out=grad_hidden[part])
+                grad_hidden[part] = ctx.product(grad_logits, weight.t())
             if grad_weight is not None:
+                # Accumulating in place, BLAS beats oneDNN's product plus an addition.
                 grad_weight.addmm_(grad_logits.T, hidden[part])
         if ctx.grad_into is not None:
             grad_weight = None  # already in .grad
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 _GRADIENTS_IN_PLACE = contextvars.ContextVar("gradients_in_place", default=False)
@@ -645,9 +652,14 @@ def _row_chunks(rows: int, size: int) -> list[slice]:
     return [slice(start, start + size) for start in range(0, rows, size)]
 
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+def _chunk_logits(
+    product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
     """A chunk's logits in float32 (as token_logps casts them), divided by the sampling temperature."""
-    logits = (hidden @ weight.T).float()
+    logits = product(hidden, weight).float()
     return logits.div_(temperature) if temperature != 1.0 else logits
 
 
@@ -659,9 +671,13 @@ def head_token_logps(
     with_entropy: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """:func:`token_logps` of the logits that the (bias-free) linear ``head`` would make of ``hidden``
-    (…, H), computed a chunk of rows at a time (see :class:`_HeadLogSoftmax`)."""
+    (…, H), computed a chunk of rows at a time (see :class:`_HeadLogSoftmax`); its products go through
+    oneDNN when the head's own forward does (:func:`grpo.onednn.route_linears`)."""
     flat = hidden.reshape(-1, hidden.shape[-1])
-    logps, entropy = _HeadLogSoftmax.apply(flat, head.weight, tokens.reshape(-1), temperature, with_entropy)
+    product = onednn.linear if onednn.is_routed(head) else F.linear
+    logps, entropy = _HeadLogSoftmax.apply(
+        flat, head.weight, tokens.reshape(-1), temperature, with_entropy, product
+    )
     if with_entropy:
         return logps.view(tokens.shape), entropy.view(tokens.shape)
     return logps.view(tokens.shape)
@@ -866,6 +882,20 @@ def token_logps(
     if with_entropy:
         return selective_log_softmax_and_entropy(scaled, tokens, reuse_logits=reuse)
     return selective_log_softmax(scaled, tokens, reuse_logits=reuse)
+
+
+@torch.no_grad()
+def token_logps_in_place(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """:func:`token_logps` without autograd, worked out in the memory of ``logits``, which it overwrites:
+    for a model's fresh output that nothing else reads. A second tensor of their size would cost more in
+    page faults than the arithmetic."""
+    scaled = logits.float()
+    if temperature != 1.0:
+        scaled = scaled.div_(temperature)
+    chosen = scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    peak = scaled.amax(dim=-1, keepdim=True)
+    lse = scaled.sub_(peak).exp_().sum(dim=-1).log_().add_(peak.squeeze(-1))
+    return chosen - lse
 
 
 def completion_logps_unshared(
