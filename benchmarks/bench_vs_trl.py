@@ -9,9 +9,8 @@ same story prompts, which the model answers at length, with one cheap reward, β
 is used), loss_type "grpo", 4 prompts × 8 completions × at most 128 tokens per step. A "step" is one
 generation batch and its μ optimizer passes, for both. TRL runs with its own defaults for memory (gradient
 checkpointing on) in fp32 on the CPU, micro-batches of 8; grpo with its lean settings (LEAN below), or with
-its defaults in the "-defaults" configurations. Importing grpo turns on PyTorch's transparent huge pages for
-large CPU tensors (THP_MEM_ALLOC_ENABLE, grpo.memory); TRL runs with PyTorch's default, or with the same
-setting under --trl-huge-pages (it leaves TRL's time as it is and lowers its peak).
+its defaults in the "-defaults" configurations. Both run with PyTorch's default allocation, or both with
+transparent huge pages for large CPU tensors under --huge-pages (THP_MEM_ALLOC_ENABLE=1, see grpo.memory).
 
 It prints, per configuration: median seconds per step, peak resident memory, generated tokens per second,
 mean completion length, and the ratios grpo/TRL; then this machine's limits (matmul FLOP/s, memory
@@ -212,7 +211,7 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated: {', '.join(CONFIGS)}")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/last_run.json"))
     parser.add_argument(
-        "--trl-huge-pages", action="store_true", help="give TRL grpo's THP_MEM_ALLOC_ENABLE=1 too"
+        "--huge-pages", action="store_true", help="THP_MEM_ALLOC_ENABLE=1 for both frameworks"
     )
     parser.add_argument("--worker", nargs=5, metavar=("FRAMEWORK", "MODEL", "CONFIG", "STEPS", "OUT"))
     args = parser.parse_args()
@@ -238,11 +237,10 @@ def main() -> None:
                 command = [sys.executable, __file__, "--warmup", str(args.warmup), "--worker", framework,
                            model_dir, name, str(args.steps), str(out)]  # fmt: skip
                 print(f"[{repeat + 1}/{args.repeats}] {name} {framework} …", flush=True)
-                huge_pages = framework == "grpo" or args.trl_huge_pages
                 env = {
                     **os.environ,
                     "TOKENIZERS_PARALLELISM": "false",
-                    "THP_MEM_ALLOC_ENABLE": str(int(huge_pages)),
+                    "THP_MEM_ALLOC_ENABLE": str(int(args.huge_pages)),
                 }
                 subprocess.run(command, check=True, env=env)
                 run = json.loads(out.read_text())
@@ -252,22 +250,22 @@ def main() -> None:
 
     facts = model_facts(model_dir)
     flops, bandwidth = matmul_flops(), memory_bandwidth()
-    report = summarise(results, facts, flops, bandwidth, args.trl_huge_pages)
+    report = summarise(results, facts, flops, bandwidth, args.huge_pages)
     print(report)
     args.output.write_text(json.dumps({"results": results, "facts": facts, "matmul_flops": flops,
-                                       "bandwidth": bandwidth, "trl_huge_pages": args.trl_huge_pages,
+                                       "bandwidth": bandwidth, "huge_pages": args.huge_pages,
                                        "report": report}, indent=1))  # fmt: skip
 
 
-def summarise(results: dict, facts: dict, flops: float, bandwidth: float, trl_huge_pages: bool) -> str:
+def summarise(results: dict, facts: dict, flops: float, bandwidth: float, huge_pages: bool) -> str:
     per_step = PROMPTS_PER_STEP * GROUP
     lines = [
         f"date {date.today()}  machine {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads",
         f"settings: {PROMPTS_PER_STEP} prompts × {GROUP} completions × ≤{COMPLETION_TOKENS} tokens, "
-        f"beta {BETA}, loss grpo, fp32; TRL micro-batch {MICRO_BATCH} with gradient checkpointing, "
-        f"THP_MEM_ALLOC_ENABLE={int(trl_huge_pages)}; grpo THP_MEM_ALLOC_ENABLE=1, "
-        f"lean: {json.dumps(LEAN)}; medians over timed steps",
+        f"beta {BETA}, loss grpo, fp32, THP_MEM_ALLOC_ENABLE={int(huge_pages)}; "
+        f"TRL micro-batch {MICRO_BATCH} with gradient checkpointing, "
+        f"grpo lean: {json.dumps(LEAN)}; medians over timed steps",
         "",
         "| config | grpo s/step | TRL s/step | ratio | grpo peak MB | TRL peak MB | ratio "
         "| grpo gen tok/s | TRL gen tok/s | grpo mean len | TRL mean len |",

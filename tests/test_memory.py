@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import platform
 import subprocess
 import sys
@@ -66,15 +65,3 @@ def test_gradients_in_one_block_are_zero_views_of_one_tensor_and_keep_existing_o
     assert made[0].untyped_storage().data_ptr() == made[1].untyped_storage().data_ptr()
     model(torch.randn(5, 3)).sum().backward()  # autograd adds into the views
     assert torch.count_nonzero(model[0].weight.grad) > 0
-
-
-@pytest.mark.parametrize("preset", [None, "0"])
-def test_importing_grpo_turns_on_huge_pages_for_large_tensors_unless_told_otherwise(preset):
-    """THP_MEM_ALLOC_ENABLE is read at PyTorch's first CPU allocation: grpo's import sets it before that,
-    and leaves a value the user chose."""
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    if preset is not None:
-        env["THP_MEM_ALLOC_ENABLE"] = preset
-    probe = "import os, grpo, torch; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
-    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == (preset or "1")
