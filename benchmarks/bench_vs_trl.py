@@ -167,9 +167,11 @@ def matmul_flops(size: int = 2048, repeats: int = 10) -> float:
     """The faster of PyTorch's default BLAS and oneDNN on a square float32 product (on an AMD CPU, MKL's
     kernels reach less than half of oneDNN's: grpo.onednn)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
+    from grpo import onednn
+
     products = [lambda: a @ b]
-    if torch.backends.mkldnn.is_available():
-        products.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
+    if onednn.available():
+        products.append(lambda: onednn.linear(a, b))
     best = 0.0
     for product in products:
         product()

@@ -334,6 +334,15 @@ def test_the_chunked_lm_head_gives_the_log_probs_entropy_and_gradients_of_the_wh
     if routed:  # forward (and backward) products of every chunk
         assert counted.calls >= (3 if trained_head else 2) * 3
 
+    # Without the entropy the forward pass works in the logits' own memory: the same log-probs and gradients.
+    hidden.grad, head.weight.grad = None, None
+    alone = head_token_logps(hidden, head, tokens, temperature)
+    (alone * upstream).sum().backward()
+    torch.testing.assert_close(alone.detach(), got[0])
+    torch.testing.assert_close(hidden.grad, got[2])
+    if trained_head:
+        torch.testing.assert_close(head.weight.grad, got[3])
+
     hidden.grad, head.weight.grad = None, None
     whole = torch.log_softmax(head(hidden) / temperature, dim=-1)
     expected_logps = whole.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

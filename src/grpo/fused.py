@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from grpo import onednn
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 ROWS_PER_CHUNK = 256  # LM-head rows at a time when scoring: bounds the (rows, vocab) temporary
 
@@ -87,10 +89,7 @@ class PackedLinear:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int, pack: bool = True):
         self.packed = (
-            pack
-            and weight.device.type == "cpu"
-            and weight.dtype == torch.float32
-            and torch.backends.mkldnn.is_available()
+            pack and weight.device.type == "cpu" and weight.dtype == torch.float32 and onednn.available()
         )
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint) if self.packed else weight
         self.bias = bias
