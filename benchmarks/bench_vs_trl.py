@@ -35,11 +35,12 @@ from pathlib import Path
 
 import torch
 
-# grpo's lean settings, as a user short of memory would pick them: memory given back between phases, and
-# micro-batches of 4. Under LoRA without gradient checkpointing (a frozen model's activations are small
-# enough); under full fine-tuning with it, and the reference copy offloaded to a mapped file.
+# grpo's lean settings, as a user short of memory would pick them: memory given back between phases,
+# micro-batches of 4, and the reference's frozen weights offloaded to a mapped file (under LoRA the base
+# weights, released layer by layer). Under LoRA without gradient checkpointing (a frozen model's activations
+# are small enough); under full fine-tuning with it.
 LEAN = {
-    "lora": {"per_device_train_batch_size": 4, "release_memory": True},
+    "lora": {"per_device_train_batch_size": 4, "release_memory": True, "offload_reference": True},
     "full": {
         "per_device_train_batch_size": 4,
         "release_memory": True,

@@ -102,7 +102,9 @@ def test_reference_log_probs_match_the_shared_prompt_path(tiny_model, tokenizer,
     if use_lora:  # the reference is the base model: the adapters really were switched off
         with torch.inference_mode():
             policy_logps = fused.FusedDecoder(models.policy).completion_logps(*args)
+            policy_expected = completion_logps(models.policy, *args)
         assert (policy_logps[mask] - ours[mask]).abs().max() > 1e-3
+        torch.testing.assert_close(policy_logps[mask], policy_expected[mask], rtol=0, atol=1e-5)
 
 
 def test_unsupported_models_keep_transformers_forward(tmp_path, tokenizer):
@@ -153,3 +155,15 @@ def test_a_training_step_is_the_same_with_and_without_the_fused_forward(tiny_mod
             assert ours[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-6), key
     for name, tensor in weights[0].items():
         torch.testing.assert_close(weights[1][name], tensor, rtol=1e-4, atol=1e-6)
+
+
+def test_a_compacted_cache_holds_the_kept_rows_in_the_same_buffers():
+    torch.manual_seed(0)
+    cache = fused.KVCache(torch.randn(2, 6, 3, 9, 4), torch.randn(2, 6, 3, 9, 4), length=5)
+    rows = torch.tensor([0, 2, 3, 5])
+    expected = cache.gathered(rows, 9)
+    compacted = cache.compacted(rows)
+    assert compacted.keys.data_ptr() == cache.keys.data_ptr()  # no second cache
+    assert compacted.length == 5 and compacted.keys.shape[1] == len(rows)
+    assert torch.equal(compacted.keys[..., :5, :], expected.keys[..., :5, :])
+    assert torch.equal(compacted.values[..., :5, :], expected.values[..., :5, :])

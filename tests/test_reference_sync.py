@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import mmap
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from typer.testing import CliRunner
 from grpo import fused
 from grpo.cli import app
 from grpo.config import GRPOConfig
-from grpo.models import load_policy, trainable_parameters
+from grpo.models import MappedParameters, load_policy, trainable_parameters
 from grpo.rollout import completion_logps
 
 IDS = torch.tensor([[5, 6, 7, 8, 9]])
@@ -116,11 +117,14 @@ def test_syncing_every_step_zeroes_the_kl_at_the_next_and_resumes_exactly(
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("lora", ["--use-lora", "--no-use-lora"])
 def test_an_offloaded_reference_trains_exactly_as_one_in_memory(
-    tiny_model, tiny_dataset, tmp_path, reward_file
+    tiny_model, tiny_dataset, tmp_path, reward_file, lora
 ):
+    """Under LoRA the offloaded weights are the base the policy trains through, released layer by layer."""
+
     def run(output, *extra: str) -> list[dict]:
-        common = [*base_args(tiny_model, tiny_dataset, output, reward_file), "--no-use-lora"]
+        common = [*base_args(tiny_model, tiny_dataset, output, reward_file), lora]
         train([*common, "--beta", "0.1", "--max-steps", "3", "--learning-rate", "1e-3", *extra])
         timing = {"step_time", "generation_time", "tokens_per_second"}
         return [{k: v for k, v in m.items() if k not in timing} for m in lines(output)]
@@ -128,3 +132,20 @@ def test_an_offloaded_reference_trains_exactly_as_one_in_memory(
     offloaded = run(tmp_path / "offloaded", "--offload-reference")
     assert offloaded == run(tmp_path / "in-memory")
     assert offloaded[-1]["kl"] > 0  # the reference was used, and the policy moved away from it
+
+
+def test_mapped_parameters_release_all_or_some_and_keep_their_values(tmp_path):
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(torch.nn.Linear(300, 700), torch.nn.Linear(700, 5))
+    before = {name: p.detach().clone() for name, p in layers.named_parameters()}
+    mapped = MappedParameters(layers.parameters(), tmp_path)
+    assert all(p.data_ptr() in mapped.regions for p in layers.parameters())
+    offsets = sorted(offset for offset, _ in mapped.regions.values())
+    assert all(offset % mmap.PAGESIZE == 0 for offset in offsets)  # each can be released alone
+    mapped.release([layers[0].weight, torch.zeros(3)])  # a tensor that is not mapped is left alone
+    assert all(torch.equal(p, before[name]) for name, p in layers.named_parameters())
+    with torch.no_grad():
+        layers[1].bias.add_(1.0)  # writes go to the file and survive a release
+    mapped.release()
+    assert torch.equal(layers[1].bias, before["1.bias"] + 1.0)
+    assert torch.equal(layers[0].weight, before["0.weight"])

@@ -33,6 +33,7 @@ from torch import nn
 
 from grpo import fused
 from grpo.errors import ConfigError
+from grpo.models import plain_attention
 from grpo.rollout import group_uniforms, sample_completions
 
 BACKENDS = ("default", "paged", "vllm")
@@ -143,11 +144,16 @@ class DefaultBackend(GenerationBackend):
     supports_seeds = True
 
     def __init__(
-        self, model: nn.Module, fused: bool = True, keep_going: Callable[[bool], bool] | None = None
+        self,
+        model: nn.Module,
+        fused: bool = True,
+        keep_going: Callable[[bool], bool] | None = None,
+        release: Callable[[list[torch.Tensor]], None] | None = None,
     ):
         # keep_going: decoding steps in lockstep with the other ranks (a sharded policy; see
-        # grpo.rollout.sample_completions)
-        self.model, self.fused, self.keep_going = model, fused, keep_going
+        # grpo.rollout.sample_completions). release: given the weights the fused decoder has copied
+        # (grpo.models.PolicyAndReference.release_reference).
+        self.model, self.fused, self.keep_going, self.release = model, fused, keep_going, release
 
     @torch.no_grad()
     def sample(
@@ -171,7 +177,7 @@ class DefaultBackend(GenerationBackend):
         with evaluating(model):
             device = next(model.parameters()).device
             prompts_at_once = max(1, (batch_size or len(prompt_ids) * g) // g)
-            decoder = fused.sampling_decoder(model, prompts_at_once * g) if self.fused else None
+            decoder = fused.sampling_decoder(model, prompts_at_once * g, self.release) if self.fused else None
             try:
                 for start in range(0, len(prompt_ids), prompts_at_once):
                     rows = slice(start, start + prompts_at_once)
@@ -285,7 +291,7 @@ class PagedBackend(GenerationBackend):
             seed=seed,
         )
         # The manager reseeds the global generators with its seed: leave them as they were.
-        with evaluating(self.model), torch.random.fork_rng():
+        with evaluating(self.model), torch.random.fork_rng(), plain_attention(self.model):
             request_ids, results = self._run(inputs, generation, batching, max_new_tokens)
         groups: dict[str, list[Any]] = {request_id: [] for request_id in request_ids}
         for request_id in sorted(results):  # a request's forks are "<id>__child#<i>"
@@ -532,11 +538,12 @@ def make_backend(
     vllm_gpu_memory_utilization: float = 0.3,
     max_model_len: int | None = None,
     keep_going: Callable[[bool], bool] | None = None,
+    release: Callable[[list[torch.Tensor]], None] | None = None,
 ) -> GenerationBackend:
     """The backend called ``name`` ("default", "paged" or "vllm") for ``policy``; ``keep_going`` (a
-    sharded policy's lockstep, default backend only) as in :func:`grpo.rollout.sample_completions`."""
+    sharded policy's lockstep) and ``release`` are the :class:`DefaultBackend`'s."""
     if name == "default":
-        return DefaultBackend(policy, fused=fused, keep_going=keep_going)
+        return DefaultBackend(policy, fused=fused, keep_going=keep_going, release=release)
     if name == "paged":
         return PagedBackend(policy)
     if name == "vllm":

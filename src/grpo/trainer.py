@@ -55,7 +55,12 @@ from grpo.files import write_text_atomic
 from grpo.generation import GenerationBackend, make_backend
 from grpo.losses import policy_loss, softmax_weighted_loss
 from grpo.memory import gradients_in_one_block, map_blocks_from, release_free_memory
-from grpo.models import REFERENCE_ADAPTER, PolicyAndReference, trainable_parameters
+from grpo.models import (
+    REFERENCE_ADAPTER,
+    PolicyAndReference,
+    release_layers_after_use,
+    trainable_parameters,
+)
 from grpo.rewards import Reward, score_groups, weighted_sum
 from grpo.rewards.process import score_steps, split_steps, token_steps
 from grpo.rollout import Rollout, completion_logps, generate, in_place_weight_gradients
@@ -182,7 +187,9 @@ class GRPOTrainer:
             onednn.route_linears(self.policy)
         if config.offload_reference:
             output_dir.mkdir(parents=True, exist_ok=True)
-            models.offload_reference(output_dir)
+            if models.offload_reference(output_dir) and models.uses_adapters:
+                # The base weights are the policy's too: training holds about a layer of them at a time.
+                release_layers_after_use(self.policy, models.release_reference)
         self.backend: GenerationBackend | None = None  # what samples (grpo.generation), built when first used
         self.backend_is_stale = False  # the policy changed since the backend last saw its weights
 
@@ -320,6 +327,7 @@ class GRPOTrainer:
                 vllm_gpu_memory_utilization=c.vllm_gpu_memory_utilization,
                 max_model_len=c.max_prompt_length + c.max_completion_length,
                 keep_going=self.ranks.any if self.sharded else None,
+                release=self.models.release_reference if self.models.offloaded else None,
             )
         elif self.backend_is_stale:
             self.backend.sync_weights(self.policy)
@@ -508,8 +516,9 @@ class GRPOTrainer:
     def reference_logps(self, tensors: TrainingTensors) -> torch.Tensor:
         """The reference model's log-probs of the batch's completions (see :meth:`inference_logps`)."""
         self.policy.eval()
+        release = self.models.release_reference if self.models.offloaded else None
         with self.models.reference() as reference:
-            return self.inference_logps(reference, tensors, packed=self.models.release_reference)
+            return self.inference_logps(reference, tensors, release=release)
 
     def policy_logps(self, tensors: TrainingTensors) -> torch.Tensor:
         """The policy's log-probs of the batch's completions as it is now (see :meth:`inference_logps`)."""
@@ -517,18 +526,19 @@ class GRPOTrainer:
         return self.inference_logps(self.policy, tensors)
 
     def inference_logps(
-        self, model: nn.Module, tensors: TrainingTensors, packed: Callable[[], None] | None = None
+        self,
+        model: nn.Module,
+        tensors: TrainingTensors,
+        release: Callable[[list[torch.Tensor]], None] | None = None,
     ) -> torch.Tensor:
         """``model``'s log-probs of the batch's completions, in inference mode, through the fused decoder
-        where it applies (``packed`` is called once that has its own copies of the weights)."""
+        where it applies (``release`` is given an offloaded model's weights as soon as it has copied them)."""
         c = self.config
         # A sharded model's forward gathers weights into tensors that inference mode would not let it reuse.
         with torch.no_grad() if self.sharded else torch.inference_mode():
             if c.fused_inference and fused.supports(model):
                 batch_hint = c.per_device_train_batch_size * c.max_completion_length
-                score = fused.FusedDecoder(model, batch_hint).completion_logps
-                if packed is not None:
-                    packed()
+                score = fused.FusedDecoder(model, batch_hint, release=release).completion_logps
             else:
                 score = functools.partial(completion_logps, model)
             logps = torch.cat([tensors.run(score, s) for s in tensors.slices])
