@@ -73,7 +73,7 @@ def test_each_change_keeps_what_it_should_not(batch):
     config, (batch_size, width) = model.config, batch[0].shape
     rows = batch_size * width
     plain_saved = saved_bytes_and_grads(model, *batch)[0]
-    assert models.gate_without_copies(model) == config.num_hidden_layers
+    assert models.lean_gated_mlps(model) == config.num_hidden_layers
     gated_saved = saved_bytes_and_grads(model, *batch)[0]
     assert plain_saved - gated_saved == config.num_hidden_layers * rows * config.intermediate_size * 4
     models.register_grouped_attention()

@@ -151,7 +151,7 @@ def load_causal_lm(path: str, dtype: torch.dtype) -> nn.Module:
     if model.config._attn_implementation == "sdpa" and model._supports_attention_backend:
         register_grouped_attention()
         model.set_attn_implementation(GROUPED_SDPA)
-    gate_without_copies(model)
+    lean_gated_mlps(model)
     return model
 
 
@@ -181,7 +181,7 @@ def _gated_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return mlp.down_proj(_GatedSiLU.apply(mlp.gate_proj(x), mlp.up_proj(x)))
 
 
-def gate_without_copies(model: nn.Module) -> int:
+def lean_gated_mlps(model: nn.Module) -> int:
     """Run the SiLU-gated MLPs of Llama-family models (``down(silu(gate(x)) · up(x))``) through
     :class:`_GatedSiLU`: a training pass then keeps one activation of the MLP's width less per layer (89 MB
     of the benchmark's LoRA micro-batch). Returns how many MLPs it changed."""
@@ -212,8 +212,8 @@ def grouped_sdpa_attention(
 
     There transformers repeats each key/value head for every query head that shares it (its GPU kernels want
     that), and a training pass saves those copies for the backward pass. PyTorch's CPU kernel reads the
-    groups in place (``enable_gqa``): the benchmark's LoRA micro-batch saves 117 MB less and its attention
-    runs about a tenth faster, with the same results.
+    groups in place (``enable_gqa``): the benchmark's LoRA micro-batch keeps 59 MB less for the backward pass
+    (and makes 117 MB fewer temporaries), and its attention runs about a tenth faster, with the same results.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
