@@ -359,11 +359,6 @@ class PolicyAndReference:
         return True
 
     @property
-    def offloaded(self) -> bool:
-        """Whether :meth:`offload_reference` mapped weights to a file."""
-        return self._mapped_reference is not None
-
-    @property
     def has_reference_adapter(self) -> bool:
         return self.uses_adapters and REFERENCE_ADAPTER in self.policy.peft_config
 

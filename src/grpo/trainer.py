@@ -327,7 +327,7 @@ class GRPOTrainer:
                 vllm_gpu_memory_utilization=c.vllm_gpu_memory_utilization,
                 max_model_len=c.max_prompt_length + c.max_completion_length,
                 keep_going=self.ranks.any if self.sharded else None,
-                release=self.models.release_reference if self.models.offloaded else None,
+                release=self.models.release_reference,  # a no-op unless offloaded
             )
         elif self.backend_is_stale:
             self.backend.sync_weights(self.policy)
@@ -516,9 +516,8 @@ class GRPOTrainer:
     def reference_logps(self, tensors: TrainingTensors) -> torch.Tensor:
         """The reference model's log-probs of the batch's completions (see :meth:`inference_logps`)."""
         self.policy.eval()
-        release = self.models.release_reference if self.models.offloaded else None
         with self.models.reference() as reference:
-            return self.inference_logps(reference, tensors, release=release)
+            return self.inference_logps(reference, tensors, release=self.models.release_reference)
 
     def policy_logps(self, tensors: TrainingTensors) -> torch.Tensor:
         """The policy's log-probs of the batch's completions as it is now (see :meth:`inference_logps`)."""
