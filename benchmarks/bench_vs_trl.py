@@ -10,7 +10,8 @@ is used), loss_type "grpo", 4 prompts × 8 completions × at most 128 tokens per
 generation batch and its μ optimizer passes, for both. TRL runs with its own defaults for memory (gradient
 checkpointing on) in fp32 on the CPU, micro-batches of 8; grpo with its lean settings (LEAN below), or with
 its defaults in the "-defaults" configurations. Both run with PyTorch's default allocation, or both with
-transparent huge pages for large CPU tensors under --huge-pages (THP_MEM_ALLOC_ENABLE=1, see grpo.memory).
+transparent huge pages for large CPU tensors under --huge-pages (THP_MEM_ALLOC_ENABLE=1, see
+grpo.accel.memory).
 
 It prints, per configuration: median seconds per step, peak resident memory, generated tokens per second,
 mean completion length, and the ratios grpo/TRL; then this machine's limits (matmul FLOP/s, memory
@@ -73,11 +74,11 @@ def variety_reward(prompts, completions, **_):
 
 # --- workers (one process each) --------------------------------------------------------------------------
 def run_grpo(model_dir: str, config: dict, steps: int, warmup: int) -> dict:
-    from grpo.config import GRPOConfig
-    from grpo.distributed import Ranks
-    from grpo.models import load_policy
+    from grpo.config.grpo import GRPOConfig
+    from grpo.models.policy import load_policy
     from grpo.rewards import Reward
-    from grpo.trainer import GRPOTrainer
+    from grpo.train.distributed import Ranks
+    from grpo.train.grpo import GRPOTrainer
 
     settings = {"per_device_train_batch_size": MICRO_BATCH, **config.get("grpo", {})}
     cfg = GRPOConfig(
@@ -166,9 +167,9 @@ def worker(framework: str, model_dir: str, config_name: str, steps: int, warmup:
 # --- machine limits --------------------------------------------------------------------------------------
 def matmul_flops(size: int = 2048, repeats: int = 10) -> float:
     """The faster of PyTorch's default BLAS and oneDNN on a square float32 product (on an AMD CPU, MKL's
-    kernels reach less than half of oneDNN's: grpo.onednn)."""
+    kernels reach less than half of oneDNN's: grpo.accel.onednn)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
-    from grpo import onednn
+    from grpo.accel import onednn
 
     products = [lambda: a @ b]
     if onednn.available():
@@ -223,7 +224,7 @@ def main() -> None:
         worker(framework, model_dir, config_name, int(steps), args.warmup, out)
         return
 
-    from grpo.models import resolve_model
+    from grpo.models.loading import resolve_model
 
     model_dir = resolve_model("smollm2-135m-instruct")
     results: dict[str, dict[str, list]] = {}

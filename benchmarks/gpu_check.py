@@ -42,7 +42,7 @@ def random_model(config_dir: Path) -> Path:
 
 def timed_steps(model_dir: Path, use_lora: bool, steps: int, warmup: int) -> dict:
     """The CPU benchmark's grpo worker on the GPU, with its peak GPU memory."""
-    from grpo.models import pick_dtype
+    from grpo.models.loading import pick_dtype
 
     torch.cuda.reset_peak_memory_stats()
     run = run_grpo(str(model_dir), {"use_lora": use_lora, "num_iterations": 1}, steps, warmup)

@@ -9,7 +9,7 @@ from pathlib import Path
 from cli_args import base_args
 from typer.testing import CliRunner
 
-from grpo.cli import app
+from grpo.cli.main import app
 
 # The tiny model's completions never take the answer format; a reward on their length varies from step 1.
 REWARDS = """

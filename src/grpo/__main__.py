@@ -1,6 +1,6 @@
 """``python -m grpo``: the CLI, for launchers that take a module (``torchrun -m grpo train …``)."""
 
-from grpo.cli import main
+from grpo.cli.main import main
 
 if __name__ == "__main__":
     main()

@@ -4,6 +4,8 @@
 for another reason it can explain (divergence, a signal) has its own exit code.
 """
 
+from __future__ import annotations
+
 
 class GRPOError(Exception):
     """Bad input: a config value, a dataset row, a model directory, a reward function's output."""

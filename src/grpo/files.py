@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 STAGING_PREFIX = ".tmp-"
+
+
 RETIRED_PREFIX = ".old-"
 
 

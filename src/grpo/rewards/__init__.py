@@ -18,7 +18,8 @@ from grpo.rewards.core import (
     score_groups,
     weighted_sum,
 )
-from grpo.rewards.rules import accuracy_reward, answers_match, extract_answer, format_reward
+from grpo.rewards.math_answers import answers_match, extract_answer
+from grpo.rewards.rules import accuracy_reward, format_reward
 
 __all__ = [
     "BUILTIN_KINDS",

@@ -10,9 +10,9 @@ reading the trainer's secrets, opening sockets, killing the trainer, leaving pro
 What is enforced, and where:
 
 * Every program runs in a fresh interpreter in its own session (``start_new_session``), started through a
-  small harness (``_HARNESS``): its first process — trusted, never running the program — makes new PID and
-  network namespaces, then forks the program's process, which gives up its privileges, sets its resource
-  limits and only then runs the code. RLIMIT_CPU, RLIMIT_AS (``memory_mb``), RLIMIT_FSIZE
+  small harness (:mod:`grpo.rewards.sandbox`): its first process — trusted, never running the program —
+  makes new PID and network namespaces, then forks the program's process, which gives up its privileges,
+  sets its resource limits and only then runs the code. RLIMIT_CPU, RLIMIT_AS (``memory_mb``), RLIMIT_FSIZE
   (``max_file_bytes``), RLIMIT_NPROC (``max_processes``), RLIMIT_NOFILE and RLIMIT_CORE are set in it;
   ``no_new_privs`` keeps a setuid binary from giving root back.
 * As root, the program runs as ``nobody`` (uid and gid 65534) with no supplementary groups: it can write
@@ -70,10 +70,12 @@ import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 from grpo.errors import RewardError
 from grpo.rewards.core import RewardFunc, completion_text, requires_columns
+from grpo.rewards.sandbox import read_ready, read_results
 
 SANDBOX_UID = 65534  # nobody/nogroup: programs run as this user (and group) when the trainer is root
 SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -84,129 +86,11 @@ EXIT_POLL_S = 0.05  # how often a run that produces no output checks whether its
 READ_CHUNK = 65536
 STDERR_CAP = 65536
 
-# The harness, run as ``python -I -S -B -X utf8 -c _HARNESS`` with a JSON spec on stdin. Standard library
-# only, and Python 3.8+: a system interpreter may run it. Its first process (the trainer's user) makes the
-# namespaces, writes "<token> ready <isolation>" and waits; the forked program process confines itself and
-# runs the code. In stdin mode the code runs as ``__main__`` and the interpreter exits as after a script;
-# with tests it runs as ``solution``, then each test, and "<token> result <0/1 per test>" is written to a
-# duplicate of stdout. Anything on stderr before the program starts is a failure of the sandbox itself.
-_HARNESS = r'''
-import json, os, resource, signal, sys, types
-
-CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
-PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
-try:
-    import ctypes
-    LIBC = ctypes.CDLL(None, use_errno=True)
-except (ImportError, OSError):
-    LIBC = None
-
-
-def libc(name, *args):
-    return LIBC is not None and getattr(LIBC, name)(*args) == 0
-
-
-def main():
-    with open(0, "rb", closefd=False) as source:
-        spec = json.loads(source.read())
-    uid, root = os.geteuid(), os.geteuid() == 0
-    # In a new PID namespace the program's process is the init of its tree: when it ends, the kernel kills
-    # every process it started. Without root, a new user namespace is what allows the others.
-    own_user = 0 if root else CLONE_NEWUSER
-    tries = [CLONE_NEWPID]
-    if spec["isolate_network"]:
-        tries = [CLONE_NEWPID | CLONE_NEWNET, CLONE_NEWPID, CLONE_NEWNET]
-    made = next((flags for flags in tries if libc("unshare", flags | own_user)), 0)
-    isolation = {"user": spec["uid"] if root else uid, "network": bool(made & CLONE_NEWNET),
-                 "pid_namespace": bool(made & CLONE_NEWPID)}
-    os.write(1, ("%s ready %s\n" % (spec["token"], json.dumps(isolation))).encode())
-    stdin = input_file(spec["stdin"])
-    pid = os.fork()
-    if pid == 0:
-        confine(spec, root, stdin)
-        run(spec)
-    else:
-        status = os.waitpid(pid, 0)[1]
-        os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
-
-
-def input_file(text):
-    """The program's stdin: a sealed (read-only) memory file with the case's input, or /dev/null."""
-    if text is None:
-        return os.open(os.devnull, os.O_RDONLY)
-    import fcntl
-    fd = os.memfd_create("stdin", os.MFD_ALLOW_SEALING)
-    data = memoryview(text.encode("utf-8"))
-    while data:
-        data = data[os.write(fd, data):]
-    seals = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
-    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
-    os.lseek(fd, 0, os.SEEK_SET)
-    return fd
-
-
-def confine(spec, root, stdin):
-    """Give up what the program must not have, each step while it is still allowed."""
-    if root:
-        try:
-            os.setgroups([])
-            os.setgid(spec["uid"])
-            os.setuid(spec["uid"])
-        except OSError as error:  # e.g. a user namespace that maps root but not this uid
-            raise OSError("cannot switch to user %d: %s" % (spec["uid"], error)) from None
-        # Best effort: in a user namespace of its own, RLIMIT_NPROC counts this program's processes, not
-        # those of every program running as the same user at the same time.
-        libc("unshare", CLONE_NEWUSER)
-    stdlib = os.path.dirname(os.__file__)
-    if not os.access(stdlib, os.R_OK | os.X_OK):
-        raise PermissionError("user %d cannot read the standard library in %s" % (os.getuid(), stdlib))
-    # No setuid binary gives privileges back; the process dies with the harness's first one.
-    no_new_privs = libc("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-    if not (no_new_privs and libc("prctl", PR_SET_PDEATHSIG, signal.SIGKILL)):
-        raise OSError("prctl failed")
-    for name, value in spec["limits"].items():
-        kind = getattr(resource, name)
-        hard = resource.getrlimit(kind)[1]
-        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
-        # Soft = hard: the kernel ignores SIGXCPU sent to a namespace's init, but not SIGKILL.
-        resource.setrlimit(kind, (value, value))
-    os.dup2(stdin, 0)
-    os.close(stdin)
-    null = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 2)
-    os.close(null)
-
-
-def finishes(code, namespace, exec=exec, SystemExit=SystemExit, BaseException=BaseException):
-    """Whether code runs to its end or exits with 0. Builtins are bound now, before the program runs."""
-    try:
-        exec(code, namespace)
-    except SystemExit as stop:
-        return stop.code is None or stop.code == 0
-    except BaseException:
-        return False
-    return True
-
-
-def run(spec):
-    tests = spec["tests"]
-    module = types.ModuleType("__main__" if tests is None else "solution")
-    sys.modules[module.__name__] = module
-    if tests is None:
-        exec(compile(spec["code"], "solution.py", "exec"), module.__dict__)
-        return
-    write, exit_now, getpid, check, token = os.write, os._exit, os.getpid, finishes, spec["token"]
-    main_pid, results = getpid(), os.dup(1)
-    steps = [compile(source, "test_%d.py" % index, "exec") for index, source in enumerate(tests)]
-    ok = check(spec["code"], module.__dict__)
-    passed = "".join("1" if ok and check(step, module.__dict__) else "0" for step in steps)
-    if getpid() == main_pid:  # not a process the program forked that came back here
-        write(results, ("\n%s result %s\n" % (token, passed)).encode())
-    exit_now(0)
-
-
-main()
-'''
+# The harness, :mod:`grpo.rewards.sandbox`, run as ``python -I -S -B -X utf8 -c _HARNESS`` with a JSON spec
+# on stdin. Its source is read once, now, rather than by each run from the file: the programs' user may be
+# able to write the file (a non-root trainer's own checkout), and a harness changed on disk must not run,
+# outside the sandbox, the next time.
+_HARNESS = resources.files(__package__).joinpath("sandbox.py").read_text(encoding="utf-8")
 
 
 def extract_code(text: str) -> str | None:
@@ -385,22 +269,18 @@ class _Sandbox:
             message = errors.decode(errors="replace").strip().splitlines()[-1]
             raise RewardError(f"the code sandbox failed ({self.python}): {message}")
         header, _, rest = stdout.partition(b"\n")
-        ready = f"{token} ready ".encode()
-        if not header.startswith(ready):
+        report = read_ready(header, token)
+        if report is None:
             if stopped:  # killed before the harness got going: an overloaded machine
                 return _Run(stopped, process.returncode, "", None, None)
             raise RewardError(
                 f"the code sandbox did not start ({self.python}, exit code {process.returncode})"
             )
-        isolation = Isolation(**json.loads(header[len(ready) :]))
         passed = None
         if tests is not None and stopped is None:
-            marker = f"{token} result ".encode()
-            reports = [line[len(marker) :] for line in rest.split(b"\n") if line.startswith(marker)]
-            if reports and len(reports[-1]) == len(tests) and set(reports[-1]) <= set(b"01"):
-                passed = tuple(bit == ord("1") for bit in reports[-1])
+            passed = read_results(rest, token, len(tests))
         output = rest.decode("utf-8", errors="replace") if tests is None else ""
-        return _Run(stopped, process.returncode, output, passed, isolation)
+        return _Run(stopped, process.returncode, output, passed, Isolation(**report))
 
 
 def _read_output(process: subprocess.Popen, deadline: float, cap: int) -> tuple[bytes, str | None]:
@@ -552,7 +432,7 @@ def make_code_reward(
     _check_seconds("timeout", timeout)
     if cpu_seconds is not None:
         _check_seconds("cpu_seconds", cpu_seconds)
-    _check_count("memory_mb", memory_mb, 32)  # the interpreter alone maps about 20 MB
+    _check_count("memory_mb", memory_mb, 32)  # the interpreter needs part of it just to start
     _check_count("max_output_bytes", max_output_bytes, 1)
     _check_count("max_file_bytes", max_file_bytes, 0)
     _check_count("max_processes", max_processes, 1)

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from grpo.data import Row, reward_columns
+from grpo.data.prompts import Row, reward_columns
 from grpo.errors import RewardError
 
 RewardFunc = Callable[..., Any]

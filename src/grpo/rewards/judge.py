@@ -38,8 +38,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from grpo.accel.lean_layers import make_lean
 from grpo.errors import ModelError
-from grpo.models import load_causal_lm, load_tokenizer, pick_dtype, resolve_model
+from grpo.models.loading import load_causal_lm, load_tokenizer, pick_dtype, resolve_model
 from grpo.rewards.core import completion_text
 from grpo.rewards.model import default_device, load_once
 
@@ -332,7 +333,8 @@ class LocalJudge:
 def load_judge_model(model: str, device: str) -> tuple[nn.Module, Any]:
     path = resolve_model(model)
     tokenizer = load_tokenizer(path)
-    return load_causal_lm(path, pick_dtype("auto")).to(device).eval().requires_grad_(False), tokenizer
+    model = make_lean(load_causal_lm(path, pick_dtype("auto")))
+    return model.to(device).eval().requires_grad_(False), tokenizer
 
 
 def make_judge(

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from grpo.errors import ModelError
-from grpo.models import load_tokenizer, pick_dtype, refuse_pickled_weights
+from grpo.models.loading import load_tokenizer, pick_dtype, refuse_pickled_weights
 from grpo.rewards.core import completion_text
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")

@@ -10,7 +10,7 @@ one). Every reward function scores every step, in one of two ways:
   completion up to and including that step, as if it were the whole completion — the usual way to use an
   outcome reward model as a process one.
 
-The weighted sum of the functions gives each step's reward; :func:`grpo.advantages.process_advantages`
+The weighted sum of the functions gives each step's reward; :func:`grpo.algo.advantages.process_advantages`
 turns those into per-token advantages (DeepSeekMath §4.1.3).
 """
 
@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from grpo.data import Row, reward_columns
+from grpo.data.prompts import Row, reward_columns
 from grpo.errors import RewardError
 from grpo.rewards.core import Reward, RewardFunc, call_reward, groups_of, score
 

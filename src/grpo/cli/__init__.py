@@ -1,0 +1,1 @@
+"""The `grpo` command and the recipes behind it."""

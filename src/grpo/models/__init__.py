@@ -1,0 +1,1 @@
+"""Loading models (GGUF, LoRA), the policy and its reference, checkpoints."""

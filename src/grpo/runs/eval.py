@@ -1,0 +1,158 @@
+"""Scoring a model on a prompt set with the same reward functions it is trained with.
+
+Per row, greedy (one sample) or ``num_samples`` sampled completions are scored; the summary gives
+
+* ``solved``: the share of completions that get full marks from every reward (the right answer in the
+  asked format, with the default rewards);
+* ``reward/<name>``: each reward function's mean;
+* ``pass@k``: the chance that at least one of k samples is solved (unbiased estimate from all n samples);
+* ``maj@k``: the chance that the majority answer of k samples is right (see :func:`maj_at_k`), the
+  answers read as the default ``accuracy`` reward reads them (:func:`grpo.rewards.math_answers.final_answer`:
+  ``<answer>``, else ``\boxed{}``, else ``#### n``; an accuracy reward configured with other ``sources``
+  does not change this) and judged as it judges them. Majority voting (self-consistency) asks only for the
+  right answer, not the format.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from grpo.accel.fused import fused_decoding
+from grpo.data.prompts import Row, render_prompt
+from grpo.rewards import Reward, score_groups
+from grpo.rewards.math_answers import answers_equivalent, answers_match, final_answer, reference_answer
+from grpo.rollout.backend_base import GenerationBackend
+from grpo.rollout.backends import DefaultBackend
+from grpo.rollout.generate import generate
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 − C(n−c, k) / C(n, k) (Chen et al., 2021)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def majority_vote(answers: Sequence[str | None]) -> str | None:
+    """The answer given most often; None when no sample holds one (None entries abstain).
+
+    Answers that :func:`~grpo.rewards.math_answers.answers_match` finds equal vote together ("12" and "12.0",
+    "1,200" and "1200") under the spelling first given; a tie goes to the answer given first. Equality is
+    the exact kind, not math-verify's: "1/2" and "0.5" vote apart, as comparing every pair through the
+    math-verify helper would cost k² calls per row."""
+    votes: list[list[Any]] = []  # [answer as first given, votes], in order of first appearance
+    for answer in answers:
+        if answer is None:
+            continue
+        for entry in votes:
+            if answers_match(answer, entry[0]):
+                entry[1] += 1
+                break
+        else:
+            votes.append([answer, 1])
+    # max() returns the first of equal maxima: the answer given first.
+    return max(votes, key=lambda entry: entry[1])[0] if votes else None
+
+
+def answer_is_right(answer: str | None, reference: Any) -> bool:
+    """Whether an extracted answer scores 1 under the ``accuracy`` reward against a row's ``answer``."""
+    return answer is not None and answers_equivalent(answer, reference_answer(reference))
+
+
+def maj_at_k(answers: Sequence[str | None], reference: Any, k: int) -> float:
+    """maj@k of one row from its n samples' answers: the share of right majority votes over the ⌊n/k⌋
+    disjoint runs of k consecutive samples. The samples are drawn independently, so each run is a fresh
+    draw of k and the average estimates maj@k without bias, using every sample at most once: for k = 1 it
+    is the share of right answers, for k = n the vote of all n."""
+    if not 1 <= k <= len(answers):
+        raise ValueError(f"maj@k needs 1 ≤ k ≤ {len(answers)} samples, got k = {k}")
+    votes = [majority_vote(answers[start : start + k]) for start in range(0, len(answers) - k + 1, k)]
+    return sum(answer_is_right(voted, reference) for voted in votes) / len(votes)
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: Any,
+    rows: Sequence[Row],
+    rewards: Sequence[Reward],
+    *,
+    max_completion_length: int,
+    num_samples: int = 1,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 64,
+    max_prompt_length: int = 10**9,
+    ks: Iterable[int] = (),
+    backend: GenerationBackend | None = None,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Greedy (one sample) or sampled (``num_samples`` > 1) scores; returns (summary, one record per row).
+
+    A completion is *solved* when every reward function gives it full marks (≥ 1.0): with the accuracy and
+    format rewards that is strict accuracy — the right answer in the asked format. Learned scores without a
+    full mark (reward models) are reported but do not count, unless nothing else scores. The summary gives
+    pass@k and maj@k for k = 1, ``num_samples`` and each of ``ks`` (maj@k only when every row has an
+    ``answer``). Each record holds the row's prompt (a chat's last message), answer, completions, every
+    reward's scores, solved flags, the answers read from the completions, and their majority vote.
+    """
+    ks = sorted({1, num_samples, *ks})
+    if ks[0] < 1 or ks[-1] > num_samples:
+        raise ValueError(f"every k must be between 1 and num_samples = {num_samples}, got {ks}")
+    greedy = num_samples == 1
+    graded = [f for f, reward in enumerate(rewards) if not getattr(reward.func, "unbounded", False)]
+    records: list[dict[str, Any]] = []
+    all_scores = []
+    for start in range(0, len(rows), max(1, batch_size // num_samples)):
+        chunk = list(rows[start : start + max(1, batch_size // num_samples)])
+        prompts = [render_prompt(row["prompt"], tokenizer) for row in chunk]
+        rollout = generate(
+            model,
+            tokenizer,
+            prompts,
+            num_generations=num_samples,
+            max_completion_length=max_completion_length,
+            max_prompt_length=max_prompt_length,
+            temperature=temperature,
+            top_p=top_p,
+            greedy=greedy,
+            backend=backend or DefaultBackend(model, decoder=fused_decoding(model)),
+        )
+        scores = score_groups(rewards, chunk, rollout.texts).values
+        all_scores.append(scores)
+        marks = scores[:, graded] if graded else scores
+        solved = (torch.nan_to_num(marks, nan=1.0) >= 1.0).all(dim=1).view(len(chunk), num_samples)
+        for i, row in enumerate(chunk):
+            group = slice(i * num_samples, (i + 1) * num_samples)
+            answers = [final_answer(text) for text in rollout.texts[group]]
+            voted = majority_vote(answers)
+            reference = row.get("answer")
+            records.append(
+                {
+                    "prompt": row["prompt"]
+                    if isinstance(row["prompt"], str)
+                    else row["prompt"][-1]["content"],
+                    "answer": reference,
+                    "completions": rollout.texts[group],
+                    "scores": {r.name: scores[group, f].tolist() for f, r in enumerate(rewards)},
+                    "solved": solved[i].tolist(),
+                    "answers": answers,
+                    "voted": voted,
+                    "voted_right": None if reference is None else answer_is_right(voted, reference),
+                }
+            )
+    scores = torch.cat(all_scores)
+    solved_counts = [sum(r["solved"]) for r in records]
+    summary: dict[str, float] = {"rows": float(len(records)), "samples_per_row": float(num_samples)}
+    summary["solved"] = sum(solved_counts) / (len(records) * num_samples)
+    for f, reward in enumerate(rewards):
+        summary[f"reward/{reward.name}"] = torch.nanmean(scores[:, f]).item()
+    for k in ks:
+        summary[f"pass@{k}"] = sum(pass_at_k(num_samples, c, k) for c in solved_counts) / len(records)
+    if all(r["voted_right"] is not None for r in records):
+        for k in ks:
+            summary[f"maj@{k}"] = sum(maj_at_k(r["answers"], r["answer"], k) for r in records) / len(records)
+    return summary, records
