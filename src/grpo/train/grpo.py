@@ -36,7 +36,7 @@ from grpo.rollout.batch import ScoredBatch, TrajectoryBatch
 from grpo.train import sharding
 from grpo.train.distributed import Ranks, sum_gradients_
 from grpo.train.loop import StopNow, resume_logs, run_loop
-from grpo.train.parts import trainer_parts
+from grpo.train.parts import logps_without_gradients, trainer_parts
 from grpo.train.step_metrics import step_metrics
 
 
@@ -160,12 +160,8 @@ class GRPOTrainer:
     ) -> torch.Tensor:
         """``model``'s log-probs of the batch's completions without gradients (``release`` is given an
         offloaded model's weights as soon as a fused decoder has copied them)."""
-        c = self.config
-        # A sharded model's forward gathers weights into tensors that inference mode would not let it reuse.
-        with torch.no_grad() if self.sharded else torch.inference_mode():
-            score = self.speed.scorer(model, c.per_device_train_batch_size * c.max_completion_length, release)
-            logps = torch.cat([trajectories.logps(score, part) for part in trajectories.micro_batches])
-        return logps.clone()  # a normal tensor, usable in the autograd graph
+        hint = self.config.per_device_train_batch_size * self.config.max_completion_length
+        return logps_without_gradients(self.speed, model, trajectories, hint, release, self.sharded)
 
     def policy_logps_and_entropy(
         self, trajectories: TrajectoryBatch, part: slice

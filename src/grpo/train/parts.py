@@ -16,6 +16,7 @@ from grpo.data.prompts import Row
 from grpo.models.policy import PolicyAndReference
 from grpo.models.structure import is_sharded
 from grpo.rewards import Reward
+from grpo.rollout.batch import TrajectoryBatch
 from grpo.train.distributed import Ranks
 from grpo.train.loop import Checkpoints, RunLog, StopSignals
 from grpo.train.rollouts import GroupRollouts
@@ -60,3 +61,20 @@ def trainer_parts(
         checkpoints=Checkpoints(output_dir, config.save_total_limit, ranks),
         log=RunLog(output_dir, names, tokenizer, config.log_completions, config.report_to, notify),
     )
+
+
+def logps_without_gradients(
+    speed: Speedups,
+    model: torch.nn.Module,
+    trajectories: TrajectoryBatch,
+    batch_hint: int,
+    release: Callable[[list[torch.Tensor]], None] | None = None,
+    sharded: bool = False,
+) -> torch.Tensor:
+    """``model``'s log-probs (N, C) of the batch's completions, micro-batch by micro-batch, without gradients
+    (``release`` is given an offloaded model's weights as soon as a fused decoder has copied them)."""
+    # A sharded model's forward gathers weights into tensors that inference mode would not let it reuse.
+    with torch.no_grad() if sharded else torch.inference_mode():
+        score = speed.scorer(model, batch_hint, release)
+        logps = torch.cat([trajectories.logps(score, part) for part in trajectories.micro_batches])
+    return logps.clone()  # a normal tensor, usable in the autograd graph

@@ -52,7 +52,7 @@ from grpo.rollout.batch import ScoredBatch, TrajectoryBatch
 from grpo.rollout.scoring import shared_prompt_forward
 from grpo.train.distributed import Ranks
 from grpo.train.loop import StopNow, resume_logs, run_loop
-from grpo.train.parts import trainer_parts
+from grpo.train.parts import logps_without_gradients, trainer_parts
 from grpo.train.step_metrics import step_metrics
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -264,15 +264,14 @@ class PPOTrainer:
 
     def reference_logps(self, trajectories: TrajectoryBatch) -> torch.Tensor:
         """The reference model's log-probs of the batch's completions, without gradients."""
-        c = self.config
+        hint = self.config.per_device_train_batch_size * self.config.max_completion_length
         self.speed.between_phases()
         self.policy.eval()
-        with torch.inference_mode(), self.models.reference() as reference:
-            hint = c.per_device_train_batch_size * c.max_completion_length
-            score = self.speed.scorer(reference, hint, self.models.release_reference)
-            logps = torch.cat([trajectories.logps(score, part) for part in trajectories.micro_batches])
+        with self.models.reference() as reference:
+            release = self.models.release_reference
+            logps = logps_without_gradients(self.speed, reference, trajectories, hint, release)
         self.speed.between_phases()
-        return logps.clone()  # a normal tensor, usable in the autograd graph
+        return logps
 
     def apply_update(self, loss: float) -> float:
         """The accumulated gradient applied (see :class:`grpo.train.update.GuardedUpdate`); its norm."""
