@@ -23,8 +23,8 @@ HOSTILE = "<script>document.title='pwned'</script><img src=x onerror=\"document.
 
 
 def train_tiny_run(tiny_model: Path, directory: Path, *flags: str, steps: int = 3) -> tuple[Path, str]:
-    """Train ``steps`` steps with held-out scores before, at step 2 and after; return the run directory and
-    what the command printed."""
+    """Train ``steps`` steps with held-out scores before, at step 2 (of a longer run) and after; return the
+    run directory and what the command printed."""
     directory.mkdir(parents=True, exist_ok=True)
     dataset = directory / "sums.jsonl"
     rows = [
@@ -45,8 +45,7 @@ def train_tiny_run(tiny_model: Path, directory: Path, *flags: str, steps: int = 
         str(dataset),
         "--eval-max-samples",
         "4",
-        "--eval-steps",
-        "2",
+        *(["--eval-steps", "2"] if steps > 2 else []),  # (a check at or after the last step is refused)
         *flags,
     ]
     result = CliRunner().invoke(app, args)

@@ -33,11 +33,15 @@ def fsync_directory(directory: Path) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     path = Path(path)
     staging = path.with_name(f"{STAGING_PREFIX}{path.name}")
-    with open(staging, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(staging, path)
+    try:
+        with open(staging, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)  # (a full disk or a directory in the way: leave nothing behind)
+        raise
     fsync_directory(path.parent)
 
 
@@ -81,3 +85,29 @@ def remove_leftovers(directory: Path) -> None:
             retired.rename(original)
     for staging in directory.glob(f"{STAGING_PREFIX}*"):
         shutil.rmtree(staging, ignore_errors=True) if staging.is_dir() else staging.unlink()
+
+
+def check_output_dir(path: Path, setting: str = "output_dir", create: bool = True) -> Path:
+    """``path`` as a directory a command can write its files into, created if missing (with ``create``;
+    without, only checked: its nearest existing parent must be a writable directory); else
+    :class:`grpo.errors.ConfigError` with one line naming it and ``setting``. Nothing in it is touched."""
+    from grpo.errors import ConfigError
+
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists() or p.is_symlink()), None)
+    if existing is not None and not existing.is_dir():
+        what = "it" if existing == path else str(existing)
+        raise ConfigError(f"{setting} {path}: {what} is a file, not a directory; choose another")
+    if not create:
+        if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(
+                f"{setting} {path}: cannot be created ({existing} is not writable by this user)"
+            )
+        return path
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"{setting} {path}: cannot be created ({error.strerror or error})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{setting} {path}: is not writable by this user")
+    return path

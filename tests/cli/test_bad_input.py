@@ -2,7 +2,7 @@
 nothing written that a later run would trip over. docs/reliability.md shows this table; a test keeps the
 two identical. Regenerate the table after changing a case with:
 
-    .venv/bin/python tests/test_bad_input.py --write-docs
+    .venv/bin/python tests/cli/test_bad_input.py --write-docs
 """
 
 from __future__ import annotations
@@ -214,6 +214,26 @@ CASES = [
         flags("--epsilon", "-0.1"),
         "epsilon must not be negative, got -0.1",
     ),
+    Case(
+        "config",
+        "a setting the chosen algorithm would ignore",
+        flags("--algorithm", "softmax_weighted", "--epsilon", "0.1"),
+        "epsilon = 0.1 would be ignored: algorithm 'softmax_weighted' does not clip the ratio πθ/πθ_old "
+        "(grpo, rloo and ppo do)",
+    ),
+    Case(
+        "config",
+        "a clip range with one update per batch",
+        flags("--epsilon-high", "0.28"),
+        "epsilon_high = 0.28 would be ignored: with num_iterations 1 each batch gets one update, from the "
+        "policy that sampled it, so the clip has no change of policy to bound",
+    ),
+    Case(
+        "config",
+        "an output directory that is a file",
+        lambda tmp, model: train(tmp, model, "--output-dir", str(write(tmp / "out", "notes"))),
+        "output_dir {tmp}/out: it is a file, not a directory; choose another",
+    ),
     Case("config", "NaN for a number", flags("--beta", "nan"), "beta must be a finite number, got nan"),
     Case(
         "config",
@@ -348,6 +368,16 @@ CASES = [
     ),
     # --- the model -----------------------------------------------------------------------------------------
     Case(
+        "rewards",
+        "a judge's key named by an environment variable that is not set",
+        config_file(
+            "reward_funcs:\n  - {name: judge, base_url: 'http://127.0.0.1:9', api_model: m, "
+            "api_key_env: GRPO_TEST_UNSET_KEY}\n"
+        ),
+        "reward 'judge': api_key_env names GRPO_TEST_UNSET_KEY, which is not set in the environment; set it "
+        "to the judge's API key",
+    ),
+    Case(
         "model",
         "a model directory that does not exist",
         lambda tmp, model: train(tmp, tmp / "no-such-model"),
@@ -452,9 +482,9 @@ CASES = [
     # --- checkpoints and resuming --------------------------------------------------------------------------
     Case(
         "resume",
-        "--resume of a directory without checkpoints",
+        "--resume of a directory that is neither a run nor a checkpoint",
         lambda tmp, model: train(tmp, model, "--resume", str(tmp)),
-        "{tmp}: resume_from_checkpoint names no checkpoint or run directory with one",
+        "{tmp}: resume_from_checkpoint: neither a run directory (no config.yaml) nor a checkpoint",
     ),
     Case(
         "resume",
@@ -558,7 +588,7 @@ def test_docs_show_every_case():
     text = DOC.read_text(encoding="utf-8")
     table = re.search(re.escape(BEGIN) + r"\n(.*?)\n" + re.escape(END), text, re.DOTALL)
     assert table is not None, f"{DOC} lacks the table markers"
-    assert table.group(1) == markdown_table(), "regenerate: python tests/test_bad_input.py --write-docs"
+    assert table.group(1) == markdown_table(), "regenerate: python tests/cli/test_bad_input.py --write-docs"
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--write-docs"]:

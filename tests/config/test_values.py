@@ -26,7 +26,7 @@ from grpo.errors import ConfigError
         ("learning_rate", 3, 3.0),
         ("dataset", 2024, "2024"),
         ("eval_dataset", datetime.date(2024, 1, 2), "2024-01-02"),
-        ("step_delimiter", "  ", "  "),
+        ("dataset", "  ", "  "),  # text is kept as given, spaces too
         ("eval_dataset", "NULL", None),
         ("eval_dataset", " none", " none"),  # only the word itself means None
         ("report_to", "none", "none"),  # not an optional setting: "none" is its value

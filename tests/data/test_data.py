@@ -197,6 +197,12 @@ def test_missing_file_is_a_data_error(tmp_path):
     assert "not found" in message
 
 
+def test_a_directory_named_as_a_dataset_says_so(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.mkdir()
+    assert load_error(path) == f"{path}: is a directory, not a dataset file"
+
+
 def test_csv_quoted_field_keeps_its_newline(tmp_path):
     path = tmp_path / "multi.csv"
     path.write_text('prompt,answer\n"Line one.\nLine two.",7\n', encoding="utf-8")

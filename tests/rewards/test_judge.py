@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 
+from grpo.errors import ConfigError
 from grpo.rewards import core
 from grpo.rewards.judge import (
     DEFAULT_RUBRIC,
@@ -41,8 +42,8 @@ class Seen:
 
 class JudgeServer(ThreadingHTTPServer):
     """An OpenAI-compatible /v1/chat/completions that records each request, counts the requests in flight,
-    and fails as told: the first requests (``failures``: "500", "429", "400", "slow", "garbage", "not-json"),
-    and every request for a completion that contains a key of ``failing_completions``."""
+    and fails as told: the first requests (``failures``: "500", "429", "400", "slow", "garbage", "not-json",
+    "echo"), and every request for a completion that contains a key of ``failing_completions``."""
 
     daemon_threads = True
 
@@ -109,6 +110,10 @@ class JudgeHandler(BaseHTTPRequestHandler):
             self.send(200, completion("I would rather not say."))
         elif failure == "not-json":
             self.send(200, "<html>gateway</html>")
+        elif failure == "echo":  # a reply without a score that repeats the request's credentials
+            # (inside <think>: the digits of the key are no score)
+            reply = f"<think>you sent {self.headers['Authorization']}</think> cannot score"
+            self.send(200, completion(reply))
         else:
             self.send(200, completion(reply_with_the_completions_number(body)))
 
@@ -216,6 +221,43 @@ def test_the_url_and_key_come_from_the_environment(server, monkeypatch):
     assert "Authorization" not in server.requests[-1].headers  # local servers need no key
 
 
+def test_the_key_comes_from_the_variable_that_api_key_env_names(server, monkeypatch):
+    monkeypatch.setenv("MY_JUDGE_KEY", KEY)
+    monkeypatch.setenv("GRPO_JUDGE_API_KEY", "sk-the-default-variable")  # api_key_env comes first
+    judge = make_judge(base_url=server.url, api_model="m", api_key_env="MY_JUDGE_KEY")
+    assert ask(judge, "answer-5") == [0.5]
+    assert server.requests[-1].headers["Authorization"] == f"Bearer {KEY}"
+
+
+def test_an_unset_api_key_env_stops_the_run_at_start_naming_the_variable_and_the_reward(monkeypatch):
+    monkeypatch.delenv("NO_SUCH_JUDGE_KEY", raising=False)
+    entry = {"name": "judge", "base_url": "http://127.0.0.1:9/v1", "api_model": "m"}
+    with pytest.raises(ConfigError) as caught:
+        core.build_rewards([{**entry, "api_key_env": "NO_SUCH_JUDGE_KEY"}])
+    assert str(caught.value) == (
+        "reward 'judge': api_key_env names NO_SUCH_JUDGE_KEY, which is not set in the environment; set it to "
+        "the judge's API key"
+    )
+
+
+def test_a_key_pasted_into_api_key_env_is_refused_without_being_shown():
+    entry = {"name": "judge", "base_url": "http://127.0.0.1:9/v1", "api_model": "m"}
+    with pytest.raises(ConfigError, match="must be the name of an environment variable") as caught:
+        core.build_rewards([{**entry, "api_key_env": KEY}])
+    assert KEY not in str(caught.value)
+    with pytest.raises(core.RewardError, match="give api_key or api_key_env, not both"):
+        core.build_rewards([{**entry, "api_key": KEY, "api_key_env": "MY_JUDGE_KEY"}])
+
+
+def test_a_reply_without_a_score_that_repeats_the_key_never_shows_it(server):
+    server.failing_completions = {"answer-1": "echo"}
+    with pytest.raises(
+        JudgeError, match=r"holds no score: '<think>you sent Bearer \*\*\*</think> cannot score'"
+    ) as caught:
+        ask(api_judge(server), "answer-1")
+    assert KEY not in str(caught.value)
+
+
 def test_server_errors_are_retried_with_growing_backoff(server):
     server.failures = ["500", "500", "500"]
     started = time.monotonic()
@@ -316,6 +358,8 @@ def test_a_failing_judge_goes_through_the_runs_failure_policy(server, monkeypatc
         ({"base_url": "http://x/v1", "api_model": "m", "max_concurrency": 0}, "max_concurrency >= 1"),
         ({"model": "dir", "max_score": 7.5}, "whole number up to 100"),
         ({"base_url": "http://x/v1", "api_model": "m", "max_score": 0}, "positive"),
+        ({"model": "dir", "api_key": "k"}, "api_key and api_key_env are for a judge behind an API"),
+        ({"model": "dir", "api_key_env": "K"}, "api_key and api_key_env are for a judge behind an API"),
     ],
 )
 def test_bad_options_are_refused(monkeypatch, options, message):

@@ -203,3 +203,17 @@ def test_plot_lines_take_a_colour_per_method_and_a_line_style_per_seed():
         ("C1", "-"),
         ("C1", "--"),
     ]
+
+
+def test_a_common_setting_leaves_out_the_methods_that_would_ignore_it(tiny_model, tmp_path):
+    methods = {"clipped": {"num_iterations": 2}, "softmax": {"algorithm": "softmax_weighted"}}
+    common = {"epsilon": 0.1}  # clips the ratio under num_iterations 2; softmax_weighted has no ratio
+    config = write_comparison(
+        tmp_path / "c.yaml", tiny_model, tmp_path / "out", methods=methods, common=common
+    )
+    settings = {r.method: r.settings for r in plan(config).runs}
+    assert settings["clipped"]["epsilon"] == 0.1 and settings["softmax"]["epsilon"] == 0.2
+    method_own = {"softmax": {"algorithm": "softmax_weighted", "epsilon": 0.1}}
+    config = write_comparison(tmp_path / "d.yaml", tiny_model, tmp_path / "out", methods=method_own)
+    code, err = run(config)
+    assert code == 2 and "epsilon = 0.1 would be ignored" in err, "a method's own setting is never dropped"

@@ -223,7 +223,7 @@ def test_full_fine_tuning_checkpoint_and_unfinished_run(tiny_model, tiny_dataset
 
     run = tmp_path / "run"
     args = [*base_args(tiny_model, tiny_dataset, run, reward_file), "--max-steps", "2", "--no-eval-on-start"]
-    invoke("train", *args, "--eval-max-samples", "1", "--no-use-lora")
+    invoke("train", *args, "--no-use-lora")
     checkpoint = run / "checkpoint-2"
     # The whole model without a tokenizer: that comes from the model the run started from.
     assert (checkpoint / "config.json").is_file() and not (checkpoint / "tokenizer_config.json").exists()

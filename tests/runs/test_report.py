@@ -244,12 +244,25 @@ def test_damaged_files_are_named_and_the_rest_still_shown(run_dir):
         handle.write('{"step": 13, "rew')  # a torn last line
     (run_dir / "samples.jsonl").write_bytes(b"\xff\xfe not text")
     (run_dir / "eval_step6.json").write_text("{")
+    (run_dir / "eval_after.json").write_text("[0.2]")
     text = write_report(run_dir).read_text()
     page = Page(text)
     assert [a["id"] for a in page.tags("section")] == ["diagnostics", "summary", "plots", "files"]
     assert "config.yaml: could not be read (ParserError)" in text
     assert "metrics.jsonl: 1 unreadable line(s) left out" in text
     assert "samples.jsonl: could not be read (UnicodeDecodeError)" in text
+    assert "eval_step6.json: could not be read (JSONDecodeError)" in text
+    assert "eval_after.json: not a held-out evaluation (no summary)" in text
+
+
+def test_a_key_in_the_settings_is_never_shown(run_dir):
+    """A config.yaml written by hand, or by an older grpo, may hold a judge's api_key: the page leaves it
+    out."""
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["reward_funcs"].append({"name": "judge", "api_model": "m", "api_key": "sk-SECRET123"})
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    text = write_report(run_dir).read_text()
+    assert "sk-SECRET123" not in text and "&quot;api_model&quot;: &quot;m&quot;" in text
 
 
 def test_an_empty_or_missing_directory_is_refused(tmp_path):
@@ -260,18 +273,50 @@ def test_an_empty_or_missing_directory_is_refused(tmp_path):
     assert not (tmp_path / "report.html").exists()
 
 
+def a_file(tmp_path: Path) -> Path:
+    (tmp_path / "notes.txt").write_text("not a run")
+    return tmp_path / "notes.txt"
+
+
+def only_damaged_metrics(tmp_path: Path) -> Path:
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "rew')
+    (tmp_path / "eval_before.json").write_text("{")
+    return tmp_path
+
+
 @pytest.mark.parametrize(
-    ("where", "message"),
+    ("make", "message"),
     [
-        ("nowhere", "error: {path}: no such run directory"),
-        ("", "error: {path}: not a run directory (no readable config.yaml, metrics.jsonl or summary.json)"),
+        (lambda tmp: tmp / "nowhere", "error: {path}: no such run directory"),
+        (
+            lambda tmp: tmp,
+            "error: {path}: not a run directory (no readable config.yaml, metrics.jsonl or summary.json)",
+        ),
+        (a_file, "error: {path}: is a file, not a run directory"),
+        (
+            only_damaged_metrics,
+            "error: {path}: nothing to report: metrics.jsonl: 1 unreadable line(s) left out; "
+            "eval_before.json: could not be read (JSONDecodeError)",
+        ),
     ],
 )
-def test_grpo_report_bad_input_is_one_line_and_exit_code_2(tmp_path, where, message):
-    path = tmp_path / where if where else tmp_path
+def test_grpo_report_bad_input_is_one_line_and_exit_code_2(tmp_path, make, message):
+    path = make(tmp_path)
     result = CliRunner().invoke(app, ["report", str(path)])
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [message.format(path=path)]
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_a_report_that_cannot_be_written_is_one_line_and_changes_nothing(run_dir):
+    (run_dir / "report.html").mkdir()
+    before = sorted(run_dir.rglob("*"))
+    result = CliRunner().invoke(app, ["report", str(run_dir)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.stderr.strip().splitlines() == [
+        f"error: {run_dir / 'report.html'}: is a directory; remove it to write the report there"
+    ]
+    assert sorted(run_dir.rglob("*")) == before
 
 
 def test_grpo_report_prints_the_path_it_wrote(run_dir):

@@ -3,7 +3,8 @@
 :func:`token_logps` takes log softmax(logits / T)[token] without building the (…, vocabulary) log-softmax:
 its autograd function (:class:`_SelectiveLogSoftmax`) works a chunk of rows at a time and can write its
 gradient into the logits' own memory. :func:`masked_mean` and :func:`high_entropy_tokens` are the
-per-token reductions the losses and their statistics use.
+per-token reductions the losses and their statistics use; :func:`surprisal_sum` the one behind the logged
+``entropy``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,18 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The mean of ``values`` where ``mask`` is 1 (0 where it is nowhere 1)."""
     mask = mask.to(values.dtype)
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def surprisal_sum(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ −log π(token) over the tokens where ``mask`` is 1, without gradient.
+
+    Divided by the number of those tokens, it estimates the policy's entropy per token by Monte Carlo: the
+    tokens were drawn from the policy, so E[−log π(token)] is its entropy, here at the sampling temperature
+    and from log-probs the loss computes anyway, with no pass over the vocabulary. Under top_p or top_k it
+    is the cross-entropy of the truncated sampler against the policy (a little above the sampler's own
+    entropy); sampled by a policy that has since been updated, it is the same kind of cross-entropy.
+    """
+    return -(logps.detach().float() * mask.to(torch.float32)).sum()
 
 
 def high_entropy_tokens(entropy: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:

@@ -13,7 +13,7 @@ from grpo.accel.lean_layers import make_lean
 from grpo.cli.recipes import check_reward_columns
 from grpo.data.prompts import load_rows
 from grpo.errors import CheckpointError, ConfigError, ModelError
-from grpo.files import write_json_atomic, write_text_atomic
+from grpo.files import check_output_dir, write_json_atomic, write_text_atomic
 from grpo.models.checkpoint import (
     CHECKPOINT_PREFIX,
     TRAINER_STATE,
@@ -41,6 +41,8 @@ def eval_weights(model: str) -> Path | None:
     checkpoint of a run that has not finished; a model or checkpoint directory itself; None for a name
     (the default model, a Hub id) or a ``.gguf`` file, which :func:`resolve_model` handles."""
     path = Path(model)
+    if path.is_file() and path.suffix.lower() != ".gguf":
+        raise ModelError(f"{path}: is a file, not a model, run or checkpoint directory or a .gguf file")
     if not path.is_dir():
         return None
     if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
@@ -120,6 +122,16 @@ def eval_output_files(output: Path) -> tuple[Path, Path | None]:
     )
 
 
+def check_output_files(files: tuple[Path, Path | None]) -> None:
+    """Make sure the results can be written before the model is scored: their directory is usable
+    (created if missing) and neither file's name is taken by a directory."""
+    rows_file, summary_file = files
+    check_output_dir(rows_file.parent, f"--output {rows_file}: its directory")
+    for path in (rows_file, summary_file):
+        if path is not None and path.is_dir():
+            raise ConfigError(f"--output {rows_file}: {path} is a directory; name a file to write")
+
+
 def run_eval(
     model: str,
     dataset: str,
@@ -143,6 +155,8 @@ def run_eval(
     rows = rows[:max_samples] if max_samples else rows
     rewards = build_rewards(reward_funcs, reward_weights)
     check_reward_columns(rows, rewards, dataset)
+    if rows_file is not None:
+        check_output_files((rows_file, summary_file))
     seed_everything(seed)
     policy, tokenizer, weights = load_for_eval(model)
     summary, records = evaluate(
@@ -171,7 +185,6 @@ def run_eval(
         "max_completion_length": max_completion_length,
         "seed": seed,
     }
-    rows_file.parent.mkdir(parents=True, exist_ok=True)
     if summary_file is None:
         write_json_atomic(rows_file, {**about, "summary": summary, "rows": records})
     else:

@@ -1,5 +1,5 @@
-"""The `grpo` command: `grpo train`, `grpo eval`, `grpo report`, and the other stages (`sft`,
-`reward-model`, `dpo`, `pipeline`).
+"""The `grpo` command: `grpo train`, `grpo doctor` (a train run checked before it starts), `grpo eval`,
+`grpo report`, and the other stages (`sft`, `reward-model`, `dpo`, `pipeline`).
 
 Every field of :class:`grpo.config.grpo.GRPOConfig` is a flag of `grpo train` (``--learning-rate 1e-4``), and
 every field of a stage's settings class a flag of its command (:func:`settings_command`), made from the
@@ -127,6 +127,16 @@ def train(config: GRPOConfig) -> None:
     summary = run_training(config, console)
     if summary:  # (the other ranks of a distributed run return none: the first one reports)
         print(json.dumps(summary, indent=1))
+
+
+@settings_command("doctor", GRPOConfig, load_train_config, ALIASES)
+def doctor(config: GRPOConfig) -> None:
+    """Check a `grpo train` run without training: its settings and data, how the batch divides, one step's
+    time and peak memory measured here, and whether the sampled groups carry a learning signal (exit 1
+    when almost all of them score alike; see docs/doctor.md). Writes nothing into output_dir."""
+    from grpo.cli.doctor import run_doctor
+
+    raise typer.Exit(run_doctor(config, console))
 
 
 @settings_command("sft", SFTConfig, load_stage_settings(SFTConfig), STAGE_ALIASES)

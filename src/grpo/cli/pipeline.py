@@ -36,8 +36,8 @@ from rich.console import Console
 from grpo.config.grpo import DEFAULT_MODEL, GRPOConfig
 from grpo.config.loading import field_defaults, load_config, load_settings, read_yaml, to_dict
 from grpo.config.stages import RewardModelConfig, SFTConfig
-from grpo.errors import ConfigError
-from grpo.files import write_json_atomic
+from grpo.errors import ConfigError, RunFilesError
+from grpo.files import check_output_dir, write_json_atomic
 from grpo.runs.layout import FINAL_MODEL, SUMMARY_FILE, default_output_dir
 from grpo.runs.resume import resumed_base
 
@@ -134,9 +134,7 @@ def with_reward_model(config: GRPOConfig, model: str) -> GRPOConfig:
 
 def settings_of(stage: Stage) -> dict[str, Any]:
     """The stage's settings as plain JSON data, as its record keeps them."""
-    config = stage.config
-    settings = to_dict(config) if isinstance(config, GRPOConfig) else dataclasses.asdict(config)
-    return json.loads(json.dumps(settings))
+    return json.loads(json.dumps(to_dict(stage.config)))  # (without secrets: a judge's api_key)
 
 
 def record_of(stage: Stage, finished: dict[str, Stage]) -> dict[str, Any]:
@@ -167,6 +165,21 @@ def changed_setting(stage: Stage, saved: dict[str, Any], settings: dict[str, Any
     return (
         f"{changed[0]}: {before.get(changed[0])!r} there, {settings[changed[0]]!r} now" if changed else None
     )
+
+
+def finished_summary(stage: Stage) -> dict[str, Any]:
+    """The summary.json of a stage that finished earlier; a missing or damaged one is a RunFilesError."""
+    path = stage.directory / SUMMARY_FILE
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        reason = "missing" if isinstance(error, FileNotFoundError) else f"damaged, {type(error).__name__}"
+        raise RunFilesError(
+            f"{path}: {reason}; remove {stage.directory} to run the {stage.name} stage again"
+        ) from None
+    if not isinstance(summary, dict):
+        raise RunFilesError(f"{path}: damaged (not a JSON object); remove {stage.directory} to run it again")
+    return summary
 
 
 def refuse_changed(stage: Stage, what: str) -> ConfigError:
@@ -203,6 +216,7 @@ def run_pipeline(path: str | Path, console: Console) -> dict[str, Any]:
             what = changed_setting(stage, saved, settings_of(stage))
             if what is not None:
                 raise refuse_changed(stage, what)
+    check_output_dir(root, f"{path}: output_dir")
     finished: dict[str, Stage] = {}
     summaries: dict[str, Any] = {}
     for number, stage in enumerate(stages, start=1):
@@ -211,7 +225,7 @@ def run_pipeline(path: str | Path, console: Console) -> dict[str, Any]:
         saved = saved_record(stage)
         if saved is not None and {key: saved.get(key) for key in record} == record:
             console.print(f"{header}: finished earlier, in {stage.directory}")
-            summaries[stage.name] = json.loads((stage.directory / SUMMARY_FILE).read_text())
+            summaries[stage.name] = finished_summary(stage)
         elif saved is not None and saved.get("inputs") != record["inputs"]:
             raise refuse_changed(stage, "the stages it used have run again since")
         else:  # not started, stopped part-way (GRPO continues from its checkpoint), or longer now

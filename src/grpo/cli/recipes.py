@@ -6,6 +6,7 @@ import dataclasses
 import json
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +14,13 @@ import torch
 import yaml
 from rich.console import Console
 
+from grpo.config.compatibility import check_processes
 from grpo.config.grpo import GRPOConfig
 from grpo.config.loading import field_defaults, to_dict
 from grpo.data.prompts import Row, load_rows, render_prompt
 from grpo.data.tasks import DEFAULT_EVAL_SPLIT, TASKS
 from grpo.errors import CheckpointError, ConfigError, DataError
-from grpo.files import remove_leftovers, write_json_atomic, write_text_atomic
+from grpo.files import check_output_dir, remove_leftovers, write_json_atomic, write_text_atomic
 from grpo.models.checkpoint import (
     latest_checkpoint,
     load_weights,
@@ -34,6 +36,7 @@ from grpo.models.loading import (
 )
 from grpo.models.policy import load_policy
 from grpo.rewards import Reward, build_rewards
+from grpo.rewards.core import reward_code_files
 from grpo.rollout.backends import DefaultBackend
 from grpo.runs.eval import evaluate
 from grpo.runs.layout import (
@@ -49,6 +52,7 @@ from grpo.runs.layout import (
     eval_file,
 )
 from grpo.runs.report import report_line
+from grpo.runs.resume import check_reward_files, is_run_directory, record_reward_files
 from grpo.train import distributed, sharding
 from grpo.train.common import peak_memory_mb, seed_everything, step_progress
 from grpo.train.grpo import GRPOTrainer
@@ -98,10 +102,12 @@ RESUMABLE_CHANGES = frozenset(
         "max_steps",
         "logging_steps",
         "save_steps",
+        "save_minutes",
         "save_total_limit",
         "eval_steps",
         "eval_on_start",
         "eval_max_samples",
+        "eval_check_samples",
         "eval_dataset",
         "num_threads",
         "output_dir",
@@ -115,12 +121,15 @@ RESUMABLE_CHANGES = frozenset(
 
 def checkpoint_to_resume(config: GRPOConfig, output_dir: Path) -> Path | None:
     """The checkpoint this run continues from: the one asked for, or the newest in its output directory
-    when that holds a run with the same settings (a different run there is an error, not overwritten)."""
+    when that holds a run with the same settings (a different run there is an error, not overwritten).
+    None when the run starts from step 0, a run directory asked for that has no checkpoint yet included."""
     if config.resume_from_checkpoint:
-        checkpoint = latest_checkpoint(Path(config.resume_from_checkpoint))
-        if checkpoint is None:
-            raise CheckpointError(f"{config.resume_from_checkpoint}: no checkpoint to resume from")
-        return checkpoint
+        asked = Path(config.resume_from_checkpoint)
+        checkpoint = latest_checkpoint(asked)
+        if checkpoint is not None:
+            return checkpoint
+        if not is_run_directory(asked):
+            raise CheckpointError(f"{asked}: no checkpoint to resume from")
     checkpoint = latest_checkpoint(output_dir)
     if checkpoint is None:
         return None
@@ -138,17 +147,37 @@ def checkpoint_to_resume(config: GRPOConfig, output_dir: Path) -> Path | None:
     return checkpoint
 
 
+@dataclass(frozen=True)
+class RunInputs:
+    """What a run reads before its model, checked."""
+
+    train_rows: list[Row]
+    eval_rows: list[Row] | None
+    rewards: list[Reward]
+    model_path: str
+    resume_from: Path | None  # the checkpoint the run continues from
+
+
+def checked_inputs(config: GRPOConfig, output_dir: Path) -> RunInputs:
+    """The run's rows, rewards, model and checkpoint, everything that can be wrong with the input checked
+    before anything is written or the model loads (`grpo train` and `grpo doctor`); a GRPOError names it."""
+    train_rows = load_rows(config.dataset, "train")
+    eval_rows = eval_rows_for(config)
+    resume_from = checkpoint_to_resume(config, output_dir)
+    if resume_from is not None:  # (before they are imported, so that a file that is gone is named as such)
+        check_reward_files(resume_from.parent, config.reward_funcs)
+    rewards = build_rewards(config.reward_funcs, config.reward_weights)
+    check_reward_columns(train_rows, rewards, config.dataset)
+    if eval_rows is not None:
+        check_reward_columns(eval_rows, rewards, config.eval_dataset or config.dataset)
+    return RunInputs(train_rows, eval_rows, rewards, resolve_model(config.model_name_or_path), resume_from)
+
+
 def run_training(config: GRPOConfig, console: Console) -> dict[str, Any]:
     """A whole GRPO (or PPO, RLOO, …) run, in this process or as one rank of ``torchrun``/``accelerate
     launch`` (grpo.train.distributed): every rank trains, the first one writes the run's files and prints."""
     ranks = distributed.ranks_from_environment()
-    if ranks.distributed:
-        if config.algorithm == "ppo":
-            raise ConfigError("algorithm: ppo runs in one process only (its critic is not synchronised)")
-    elif config.fsdp:
-        raise ConfigError(
-            "fsdp: shards the model across processes: launch with torchrun --nproc-per-node N (N ≥ 2)"
-        )
+    check_processes(config, ranks.world_size)
     if ranks.distributed:
         distributed.init(ranks)
         if not ranks.is_main:
@@ -161,21 +190,16 @@ def run_training(config: GRPOConfig, console: Console) -> dict[str, Any]:
 
 def _run_training(config: GRPOConfig, console: Console, ranks: distributed.Ranks) -> dict[str, Any]:
     started = time.perf_counter()
-    # Everything that can be wrong with the input is checked before anything is written.
-    train_rows = load_rows(config.dataset, "train")
-    eval_rows = eval_rows_for(config)
-    rewards = build_rewards(config.reward_funcs, config.reward_weights)
-    check_reward_columns(train_rows, rewards, config.dataset)
-    if eval_rows is not None:
-        check_reward_columns(eval_rows, rewards, config.eval_dataset or config.dataset)
-    model_path = resolve_model(config.model_name_or_path)
     output_dir = Path(config.output_dir) if config.output_dir else default_output_dir("", config.dataset)
     if ranks.distributed and not config.output_dir:
         output_dir = Path(ranks.gather(str(output_dir))[0])  # rank 0's time stamp
     if ranks.is_main:
         remove_leftovers(output_dir)
     ranks.barrier()
-    resume_from = checkpoint_to_resume(config, output_dir)
+    inputs = checked_inputs(config, output_dir)
+    train_rows, eval_rows, rewards = inputs.train_rows, inputs.eval_rows, inputs.rewards
+    model_path, resume_from = inputs.model_path, inputs.resume_from
+    check_output_dir(output_dir)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     seed_everything(config.seed)
@@ -194,7 +218,6 @@ def _run_training(config: GRPOConfig, console: Console, ranks: distributed.Ranks
             sharding.shard(models.reference_model, ranks)
         eval_backend = DefaultBackend(policy, keep_going=ranks.any)
     config = dataclasses.replace(config, output_dir=str(output_dir))
-    output_dir.mkdir(parents=True, exist_ok=True)
     if resume_from is None and ranks.is_main:
         for stale in [
             output_dir / METRICS_FILE,
@@ -204,7 +227,13 @@ def _run_training(config: GRPOConfig, console: Console, ranks: distributed.Ranks
             stale.unlink(missing_ok=True)  # files of an earlier attempt that never reached a checkpoint
     if ranks.is_main:
         write_text_atomic(output_dir / CONFIG_FILE, yaml.safe_dump(to_dict(config), sort_keys=False))
+        record_reward_files(output_dir, reward_code_files(config.reward_funcs))  # as checked, if resumed
     ranks.barrier()
+    if resume_from is None and config.resume_from_checkpoint:
+        console.print(
+            f"{config.resume_from_checkpoint} has no checkpoint yet: starting from step 0 "
+            "(the run is seeded, so the result is the same)"
+        )
     verb = f"continuing from {resume_from}" if resume_from else "training"
     console.print(f"[bold]grpo[/] {verb}: {config.model_name_or_path} on {config.dataset} → {output_dir}")
     if ranks.distributed:
@@ -213,14 +242,14 @@ def _run_training(config: GRPOConfig, console: Console, ranks: distributed.Ranks
             f"= {ranks.world_size * config.prompts_per_step} prompts × {config.num_generations} completions"
         )
 
-    def held_out(tag: str) -> dict[str, float] | None:
-        # Every rank evaluates (greedy, so alike), the first one writes.
+    def held_out(tag: str, limit: int = 0) -> dict[str, float] | None:
+        # Every rank evaluates (greedy, so alike), the first one writes. ``limit``: the first rows only.
         if eval_rows is None:
             return None
         summary, records = evaluate(
             policy,
             tokenizer,
-            eval_rows,
+            eval_rows[:limit] if limit else eval_rows,
             rewards,
             max_completion_length=config.max_completion_length,
             max_prompt_length=config.max_prompt_length,
@@ -257,7 +286,7 @@ def _run_training(config: GRPOConfig, console: Console, ranks: distributed.Ranks
             )
             show(step, info, log_line=step % config.logging_steps == 0)
             if config.eval_steps and step % config.eval_steps == 0 and step < config.max_steps:
-                held_out(f"step{step}")
+                held_out(f"step{step}", config.eval_check_samples)
 
         history = trainer.train(progress=report)
     after = held_out("after")

@@ -10,6 +10,19 @@ from typing import Any
 
 from grpo.errors import ConfigError
 
+# The learning-rate schedules of transformers' get_scheduler that a warm-up and a total step count build, and
+# that an update loop steps without arguments (reduce_lr_on_plateau and greedy want a metric at each step,
+# cosine_with_min_lr and warmup_stable_decay options of their own).
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+)
+
 
 def check_fields(
     config: Any,

@@ -12,7 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from grpo.config.checks import check_fields, module_available
+from grpo.config.checks import LR_SCHEDULERS, check_fields, module_available
+from grpo.config.compatibility import check_settings_act
 from grpo.config.groups import DTYPES, LoRALayerSettings, ModelSettings, OptimizerSettings
 from grpo.config.values import Boolean, Integer, Maybe, Number, NumberList, RewardList, Text
 from grpo.errors import ConfigError
@@ -77,7 +78,8 @@ class GRPOConfig(OptimizerSettings, LoRALayerSettings, ModelSettings):
     """Held-out prompts for `grpo eval` and the before/after score; default: the built-in task's held-out
     split, or none for a file."""
     eval_max_samples: Integer = 200
-    """Score at most this many held-out rows (0 = all)."""
+    """Score at most this many held-out rows (0 = all): eval_dataset's, or a built-in task's held-out split
+    (a dataset file has none of its own)."""
     max_prompt_length: Integer = 512
     """Prompts longer than this many tokens are rejected with the row's number."""
     shuffle_dataset: Boolean = True
@@ -115,7 +117,8 @@ class GRPOConfig(OptimizerSettings, LoRALayerSettings, ModelSettings):
     """Micro-batches per optimizer update. A step samples per_device_train_batch_size ×
     gradient_accumulation_steps completions, that is that number / num_generations prompts."""
     generation_batch_size: Maybe[Integer] = None
-    """Completions generated at once (default: all of the step's at once)."""
+    """Completions generated at once (default: all of the step's at once), by the "default" and "paged"
+    backends; "vllm" batches them itself."""
 
     # --- rewards -----------------------------------------------------------------------------------------
     reward_funcs: RewardList = field(default_factory=lambda: ["accuracy", "format"])
@@ -128,7 +131,10 @@ class GRPOConfig(OptimizerSettings, LoRALayerSettings, ModelSettings):
     weighted sum."""
     multi_objective_aggregation: Text = "sum_then_normalize"
     """How several rewards make one advantage: "sum_then_normalize" (weighted sum, then group-relative) or
-    "normalize_then_sum" (each function z-scored within its group first, so that scales do not matter)."""
+    "normalize_then_sum" (each function z-scored within its group first, so that scales do not matter).
+    Under ppo it makes the reward credited at a completion's last token: the weighted sum, of each function's
+    z-scores under "normalize_then_sum". Outcome supervision only (process supervision normalises the step
+    rewards together)."""
     reward_failure: Text = "stop"
     """When a reward function raises, times out or returns something unusable: "stop" the run with one line
     naming it, score the failed completions "zero", or "skip_group" (leave their groups out of the update);
@@ -140,7 +146,7 @@ class GRPOConfig(OptimizerSettings, LoRALayerSettings, ModelSettings):
     split into steps, every reward function scores every step, and each token's advantage is the sum of the
     group-normalised rewards of its step and the steps after it (DeepSeekMath §4.1.3)."""
     step_delimiter: Text = "\n"
-    """Process supervision: a step ends at each occurrence of this text."""
+    """Process supervision: a step ends at each occurrence of this text (unless step_regex is set)."""
     step_regex: Maybe[Text] = None
     """Process supervision: a step ends at each match of this regular expression (not at step_delimiter)."""
 
@@ -160,10 +166,12 @@ class GRPOConfig(OptimizerSettings, LoRALayerSettings, ModelSettings):
     """Dynamic sampling: batches sampled per step at most."""
     ref_model_sync_steps: Integer = 0
     """Iterative RL (DeepSeekMath): every this many steps the reference model becomes the current policy, so
-    that the KL term holds the policy near where it is rather than where it started (0 = never)."""
+    that the KL term holds the policy near where it is rather than where it started (0 = never). Needs a
+    reference (beta > 0); every algorithm, ppo included."""
     top_entropy_quantile: Number = 1.0
     """Train only on the completion tokens whose entropy is in this top quantile of each micro-batch (1.0 =
-    all tokens; 0.2 keeps the 20% most uncertain "forking" tokens)."""
+    all tokens; 0.2 keeps the 20% most uncertain "forking" tokens). Every algorithm; under ppo it masks the
+    policy loss, while the critic fits every token."""
 
     # --- PPO (algorithm "ppo") -----------------------------------------------------------------------------
     gamma: Number = 1.0
@@ -176,7 +184,8 @@ class GRPOConfig(OptimizerSettings, LoRALayerSettings, ModelSettings):
     """PPO: weight of the value loss. The critic shares the policy's backbone, so this also bounds how much
     its gradient may reshape the features the policy uses."""
     cliprange_value: Number = 0.2
-    """PPO: a value prediction may move at most this far from its old value within one step's updates."""
+    """PPO: a value prediction may move at most this far from its old value within one step's updates
+    (from the second on: it acts with num_iterations > 1)."""
     whiten_advantages: Boolean = True
     """PPO: shift and scale the advantages to mean 0 and std 1 over the batch's real tokens."""
     value_head_init_std: Number = 0.0
@@ -187,18 +196,24 @@ class GRPOConfig(OptimizerSettings, LoRALayerSettings, ModelSettings):
     num_iterations: Integer = 1
     """μ: optimizer passes over each sampled batch. With μ > 1 the sampling policy's log-probs are kept."""
     epsilon: Number = 0.2
-    """Lower clip range ε_low of the ratio πθ/πθ_old."""
+    """Lower clip range ε_low of the ratio πθ/πθ_old (algorithms grpo, rloo and ppo). The ratio moves only
+    from a batch's second update on, so it acts with num_iterations > 1."""
     epsilon_high: Maybe[Number] = None
-    """Upper clip range ε_high (clip-higher, DAPO uses 0.28); default: epsilon."""
+    """Upper clip range ε_high (clip-higher, DAPO uses 0.28); default: epsilon. As epsilon, it acts with
+    num_iterations > 1."""
     beta: Number = 0.04
     """Weight of the KL penalty to the reference model. 0 disables it and the reference model."""
     loss_type: Text = "grpo"
     """Loss reduction: "grpo" (per-sequence mean), "bnpo" (per-token mean over the micro-batch),
-    "dapo" (per-token mean over the whole step), "dr_grpo" (sum / (B × max_completion_length))."""
+    "dapo" (per-token mean over the whole step), "dr_grpo" (sum / (B × max_completion_length)). Every
+    algorithm but softmax_weighted, whose loss is a mean over groups."""
     scale_rewards: Text = "group"
-    """Advantage scaling: "group" (divide by the group's std), "batch" (by the batch's std) or "none"."""
+    """Advantage scaling of algorithm grpo under outcome supervision: "group" (divide by the group's std),
+    "batch" (by the batch's std) or "none"."""
     importance_sampling_level: Text = "token"
-    """"token" (GRPO) or "sequence" (GSPO: one ratio per completion)."""
+    """"token" (GRPO) or "sequence" (GSPO: one ratio per completion). With num_iterations 1 and outcome
+    supervision the two give the same gradient, so "sequence" needs num_iterations > 1 (or process
+    supervision); softmax_weighted has no ratio."""
 
     # --- optimisation ------------------------------------------------------------------------------------
     learning_rate: Number = 2e-4
@@ -208,9 +223,10 @@ class GRPOConfig(OptimizerSettings, LoRALayerSettings, ModelSettings):
     adam_beta2: Number = 0.99
     """AdamW β2."""
     lr_scheduler_type: Text = "constant_with_warmup"
-    """A transformers scheduler name: "linear", "cosine", "constant", "constant_with_warmup", …"""
+    """The learning-rate schedule, by its transformers name: "linear", "cosine", "cosine_with_restarts",
+    "polynomial", "constant", "constant_with_warmup" or "inverse_sqrt"."""
     warmup_steps: Integer = 2
-    """Optimizer updates of linear warm-up."""
+    """Optimizer updates of linear warm-up (every schedule but "constant", which has none)."""
     max_nonfinite_updates: Integer = 3
     """An optimizer update whose loss or gradient is NaN or infinite is skipped (and counted in the metrics);
     this many in a row stop the run with a message."""
@@ -230,12 +246,21 @@ class GRPOConfig(OptimizerSettings, LoRALayerSettings, ModelSettings):
     override (e.g. a larger max_steps)."""
     logging_steps: Integer = 1
     """Print and log metrics every this many steps."""
-    save_steps: Integer = 0
-    """Checkpoint every this many steps (0 = only at the end)."""
+    save_steps: Integer = 10
+    """Checkpoint every this many steps (0 = only by save_minutes and at the end), so that a run killed
+    outright (SIGKILL, a lost machine) loses at most the steps since; `grpo train --resume RUN_DIR` goes
+    on from there."""
+    save_minutes: Number = 10.0
+    """Also checkpoint at the end of the first step that finishes this many minutes after the last
+    checkpoint (or the start), so that a slow run loses at most this much time (0 = off)."""
     save_total_limit: Integer = 2
     """Keep at most this many checkpoints."""
-    eval_steps: Integer = 0
-    """Score the held-out split every this many steps (0 = only before and after training)."""
+    eval_steps: Integer = 10
+    """Score the first eval_check_samples held-out rows every this many steps (0 = only before and after
+    training): the reward-hacking warning compares these checks with the same rows before training."""
+    eval_check_samples: Integer = 50
+    """Held-out rows scored at each eval_steps check during training (0 = eval_max_samples): few enough
+    that the checks cost little time; the before and after scores take eval_max_samples."""
     eval_on_start: Boolean = True
     """Score the held-out split before training, so that the run shows its own baseline."""
     num_threads: Integer = 0
@@ -281,7 +306,9 @@ class GRPOConfig(OptimizerSettings, LoRALayerSettings, ModelSettings):
                 "max_grad_norm",
                 "warmup_steps",
                 "save_steps",
+                "save_minutes",
                 "eval_steps",
+                "eval_check_samples",
                 "eval_max_samples",
                 "top_k",
                 "num_threads",
@@ -304,6 +331,7 @@ class GRPOConfig(OptimizerSettings, LoRALayerSettings, ModelSettings):
                 "algorithm": ("grpo", "rloo", "reinforce", "softmax_weighted", "ppo"),
                 "report_to": ("tensorboard", "none"),
                 "generation_backend": ("default", "paged", "vllm"),
+                "lr_scheduler_type": LR_SCHEDULERS,
             },
         )
         if self.generation_backend == "vllm" and not module_available("vllm"):
@@ -375,6 +403,7 @@ class GRPOConfig(OptimizerSettings, LoRALayerSettings, ModelSettings):
                 f"reward_weights has {len(self.reward_weights)} values "
                 f"for {len(self.reward_funcs)} reward_funcs"
             )
+        check_settings_act(self)  # last: every value is possible; now, does each act in this run?
 
 
 # Short flags that TRL users and the README use; each maps onto a field.

@@ -7,7 +7,8 @@ result before anything heavy is loaded. Each layer is checked and converted on i
 :mod:`grpo.config.values` say how a value is read), so that an unknown key or a bad value is one line
 naming where it came from: ``run.yaml: unknown setting 'x'; did you mean 'y'?``, ``command line:
 learning_rate must be a number, got 'abc'``. The same pydantic schema reads each field's docstring
-(:func:`field_docs`) for `--help`.
+(:func:`field_docs`) for `--help`. Settings leave the process (a run's files, a message) only through
+:func:`without_secrets` and :func:`scrub_secrets`, so that a reward's key is never written or printed.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import dataclasses
 import difflib
 import inspect
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,8 @@ def convert(
     except ValidationError as error:
         place = {name: i for i, name in enumerate(given)}
         first = min(error.errors(), key=lambda e: place.get(e["loc"][0], -1) if e["loc"] else -1)
-        raise _config_error(first, given, written, source, cls, aliases) from None
+        message = str(_config_error(first, given, written, source, cls, aliases))
+        raise ConfigError(scrub_secrets(message, given)) from None  # (the value quoted may hold a key)
     return {name: getattr(checked, name) for name in given}
 
 
@@ -122,11 +124,17 @@ def unknown_key_error(
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping a YAML settings file holds; a file that is missing, unreadable, not YAML or not a
+    mapping is a ConfigError naming it."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: config file not found: it is a directory")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot be read ({error.strerror or error})") from None
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         line = getattr(getattr(error, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""
@@ -176,9 +184,10 @@ def validate_from(config: Any, source: str) -> None:
     try:
         config.validate()
     except ConfigError as error:
-        if source == "command line" or str(error).startswith(source):
-            raise
-        raise ConfigError(f"{source}: {error}") from None
+        message = scrub_secrets(str(error), dataclasses.asdict(config))  # (it may quote a reward entry)
+        if source != "command line" and not message.startswith(source):
+            message = f"{source}: {message}"
+        raise ConfigError(message) from None
 
 
 def load_config(
@@ -198,8 +207,48 @@ def load_config(
     return config
 
 
-# Reward options that hold secrets: never written into a run's files (give them through the environment).
+# Reward options that hold secrets: never written into a file or printed. Each has a twin named
+# "<option>_env" that names the environment variable holding the secret, so that no file needs it.
 SECRET_OPTIONS = ("api_key",)
+SECRET_SHOWN_AS = "***"
+
+
+def without_secrets(data: Any) -> Any:
+    """``data`` (settings, reward entries: any nest of mappings and lists) with every secret option
+    (SECRET_OPTIONS) left out of every mapping, at any depth: what may be written into a file or printed.
+    The one way settings leave the process."""
+    if isinstance(data, Mapping):
+        return {key: without_secrets(value) for key, value in data.items() if key not in SECRET_OPTIONS}
+    if isinstance(data, list | tuple):
+        return [without_secrets(value) for value in data]
+    return data
+
+
+def secrets_in(data: Any) -> list[str]:
+    """The values of the secret options anywhere in ``data`` (a nest of mappings and lists), longest first."""
+    found: set[str] = set()
+
+    def visit(value: Any) -> None:
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                if key in SECRET_OPTIONS and isinstance(item, str) and item:
+                    found.add(item)
+                else:
+                    visit(item)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                visit(item)
+
+    visit(data)
+    return sorted(found, key=len, reverse=True)  # (a key that contains another is replaced whole)
+
+
+def scrub_secrets(text: str, data: Any) -> str:
+    """``text`` (an error message, a log line) with every secret that ``data`` holds shown as ***: for
+    messages that quote a value which may carry one."""
+    for secret in secrets_in(data):
+        text = text.replace(secret, SECRET_SHOWN_AS)
+    return text
 
 
 def field_defaults(cls: type) -> dict[str, Any]:
@@ -213,11 +262,30 @@ def field_defaults(cls: type) -> dict[str, Any]:
     return defaults
 
 
-def to_dict(config: GRPOConfig) -> dict[str, Any]:
-    """The config as plain data for a run's files, without secrets (see SECRET_OPTIONS)."""
-    data = dataclasses.asdict(config)
-    data["reward_funcs"] = [
-        {k: v for k, v in entry.items() if k not in SECRET_OPTIONS} if isinstance(entry, dict) else entry
-        for entry in data["reward_funcs"]
-    ]
-    return data
+def to_dict(config: Any) -> dict[str, Any]:
+    """A settings dataclass (GRPOConfig or a stage's) as plain data for a run's files, without secrets
+    (:func:`without_secrets`)."""
+    return without_secrets(dataclasses.asdict(config))
+
+
+def secrets_by_environment(entries: list[Any], source: str) -> tuple[list[Any], dict[str, str]]:
+    """The reward entries with each secret option given in the file (a judge's api_key) replaced by its
+    ``<option>_env`` twin naming an environment variable, and those variables' values. Each run is a
+    process of its own that reads its settings from a file: it gets the secrets in its environment, and no
+    file holds them. The names follow the entry's place, so that a run's settings stay the same. An entry
+    that gives both an option and its twin is a ConfigError naming ``source``."""
+    replaced, environment = [], {}
+    for number, entry in enumerate(entries, start=1):
+        if isinstance(entry, dict):
+            entry = dict(entry)
+            for option in SECRET_OPTIONS:
+                if entry.get(option) is not None and f"{option}_env" in entry:
+                    raise ConfigError(
+                        f"{source}: reward_funcs entry {number}: give {option} or {option}_env, not both"
+                    )
+                if entry.get(option) is not None:
+                    variable = f"GRPO_REWARD_{number}_{option.upper()}"
+                    environment[variable] = str(entry.pop(option))
+                    entry[f"{option}_env"] = variable
+        replaced.append(entry)
+    return replaced, environment

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from grpo.config.checks import check_fields
+from grpo.config.checks import LR_SCHEDULERS, check_fields
 from grpo.config.groups import DTYPES, LoRALayerSettings, LoRASettings, ModelSettings, OptimizerSettings
 from grpo.config.grpo import DEFAULT_MODEL
 from grpo.config.values import Boolean, Integer, Maybe, Number, Text
@@ -20,18 +20,6 @@ STAGE_ALIASES = {"model": "model_name_or_path"}
 # which have their own held-out split. Named here so that the settings need nothing of the data code; a test
 # keeps the two the same.
 BUILTIN_PAIR_SETS = ("hh-rlhf", "arithmetic")
-
-
-# Schedulers that transformers' get_scheduler builds from a warm-up and a total step count alone.
-SCHEDULERS = (
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
-    "constant",
-    "constant_with_warmup",
-    "inverse_sqrt",
-)
 
 
 @dataclass
@@ -97,7 +85,7 @@ class SFTConfig(OptimizerSettings, LoRALayerSettings, ModelSettings):
             self,
             positive=("lora_r", "lora_alpha", "per_device_train_batch_size", "gradient_accumulation_steps"),
             non_negative=("learning_rate", "weight_decay", "max_grad_norm", "warmup_steps", "max_steps"),
-            choices={"dtype": DTYPES, "lr_scheduler_type": SCHEDULERS},
+            choices={"dtype": DTYPES, "lr_scheduler_type": LR_SCHEDULERS},
         )
         if self.logging_steps < 1:
             raise ConfigError(f"logging_steps must be at least 1, got {self.logging_steps}")
@@ -217,7 +205,7 @@ class DPOConfig(OptimizerSettings, LoRALayerSettings, ModelSettings):
             ),
             choices={
                 "dtype": DTYPES,
-                "lr_scheduler_type": SCHEDULERS,
+                "lr_scheduler_type": LR_SCHEDULERS,
             },
         )
         if self.max_length < 2:
@@ -338,7 +326,7 @@ class RewardModelConfig(OptimizerSettings, LoRASettings, ModelSettings):
                 "max_eval_pairs",
                 "center_rewards_coefficient",
             ),
-            choices={"dtype": DTYPES, "lr_scheduler_type": SCHEDULERS},
+            choices={"dtype": DTYPES, "lr_scheduler_type": LR_SCHEDULERS},
         )
         if self.max_length < 2:
             raise ConfigError(

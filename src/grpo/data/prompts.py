@@ -43,6 +43,8 @@ def load_rows(source: str, split: str = "train") -> list[Row]:
 
 
 def _read_file(path: Path) -> list[Row]:
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not a dataset file")
     if not path.is_file():
         raise DataError(f"{path}: dataset file not found")
     suffix = path.suffix.lower()

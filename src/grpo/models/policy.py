@@ -92,6 +92,14 @@ class PolicyAndReference:
         """The frozen copy under full fine-tuning (None under LoRA or without a reference)."""
         return self._reference
 
+    def sync_reference_every(self, every: int, step: int) -> bool:
+        """Iterative RL (``ref_model_sync_steps``): after every ``every``-th step the reference becomes the
+        policy (0 = never); whether it did after ``step``."""
+        if not (every and step % every == 0 and self.needs_reference):
+            return False
+        self.sync_reference()
+        return True
+
     @torch.no_grad()
     def sync_reference(self) -> None:
         """From now on the reference is the policy as it is now."""

@@ -14,6 +14,11 @@ Completions reach a function the way TRL passes them: strings for string prompts
 sum. Async functions are awaited. A function may score several aspects at once: it then carries an
 ``outputs`` attribute (the aspects' names) and returns ``{aspect: values}``; each aspect is a reward of its
 own (``name/aspect``), with its own weight.
+
+A run records the code files behind its rewards (:func:`reward_code_files`) so that it can refuse to resume
+once one has changed: the file a ``path/to/file.py:function`` entry names, and the file of the module a
+``module:function`` entry names when that module is the user's own code (not part of Python, of an installed
+package or of grpo). Modules that such a file imports in turn are not followed.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ import importlib.util
 import inspect
 import math
 import numbers
+import site
 import sys
+import sysconfig
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +96,12 @@ class Reward:
     weight: float = 1.0
     output: str | None = None
     required_columns: tuple[str, ...] = field(default=())
+
+    @property
+    def graded(self) -> bool:
+        """Whether its full mark means solved: a learned score without one (a reward model) does not decide
+        what counts as solved, in evaluation and in the training metrics alike."""
+        return not getattr(self.func, "unbounded", False)
 
     def __post_init__(self) -> None:
         if not self.required_columns:
@@ -180,6 +193,36 @@ def build_rewards(specs: Sequence[RewardSpec], weights: Sequence[float] | None =
         else:
             rewards.append(Reward(name, func, float(weight)))
     return rewards
+
+
+def reward_code_files(specs: Sequence[RewardSpec]) -> dict[str, Path]:
+    """Each entry of ``specs`` (as in ``reward_funcs``) backed by the user's own code, by its name
+    (``"my_rewards.py:brevity"``), with the file it is loaded from: the path an entry names as written,
+    or a user module's file. Built-in kinds, and functions of installed packages, have none. Call it once
+    :func:`build_rewards` has imported them."""
+    files: dict[str, Path] = {}
+    for spec in specs:
+        kind = spec.get("name") if isinstance(spec, Mapping) else spec
+        if not isinstance(kind, str) or kind in BUILTIN_KINDS or ":" not in kind:
+            continue
+        target = kind.rsplit(":", 1)[0]
+        if target.endswith(".py"):
+            files[kind] = Path(target)
+            continue
+        origin = getattr(importlib.import_module(target), "__file__", None)
+        if origin is not None and is_user_code(Path(origin)):
+            files[kind] = Path(origin)
+    return files
+
+
+def is_user_code(path: Path) -> bool:
+    """Whether ``path`` lies outside Python's own library, every site-packages directory and grpo: a file
+    that the user may edit between a run's start and its resumption."""
+    paths = sysconfig.get_paths()
+    installed = [paths[name] for name in ("stdlib", "platstdlib", "purelib", "platlib")]
+    installed += [*site.getsitepackages(), site.getusersitepackages()]
+    roots = [Path(__file__).resolve().parents[1], *(Path(directory).resolve() for directory in installed)]
+    return not any(path.resolve().is_relative_to(root) for root in roots)
 
 
 # --- calling and checking ----------------------------------------------------------------------------------

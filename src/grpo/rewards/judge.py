@@ -14,8 +14,9 @@ Two back ends:
   4xx are not, since the same request would fail again.
 
 A completion the judge cannot score (no reply after the retries, a reply without a number) raises
-:class:`JudgeError`, so the run's ``reward_failure`` policy decides what happens. The API key never appears
-in an error message, even where the server echoes it back.
+:class:`JudgeError`, so the run's ``reward_failure`` policy decides what happens. The API key is best given
+as ``api_key_env``, the name of the environment variable that holds it, so that no file needs it; it never
+appears in an error message, even where the server echoes it back.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import torch
 from torch import nn
 
 from grpo.accel.lean_layers import make_lean
-from grpo.errors import ModelError
+from grpo.errors import ConfigError, ModelError
 from grpo.models.loading import load_causal_lm, load_tokenizer, pick_dtype, resolve_model
 from grpo.rewards.core import completion_text
 from grpo.rewards.model import default_device, load_once
@@ -54,6 +55,7 @@ NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 THINKING = re.compile(r"<think>.*?</think>", re.DOTALL)  # reasoning models' scratch work, numbers and all
 MAX_WAIT = 60.0  # seconds: the longest pause before a retry, whatever the backoff or a Retry-After says
 MAX_LOCAL_SCORE = 100  # the local judge reads every score's tokens; more would be many forward passes
+ENVIRONMENT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class JudgeError(RuntimeError):
@@ -167,7 +169,9 @@ class APIJudge:
             )
         value = parse_score(text, self.max_score)
         if value is None:
-            raise JudgeError(f"the judge's reply for completion {index} holds no score: {text[:300]!r}")
+            raise JudgeError(
+                f"the judge's reply for completion {index} holds no score: {self.redact(text)[:300]!r}"
+            )
         return value / self.max_score
 
     def post(self, index: int, body: bytes) -> Any:
@@ -209,6 +213,7 @@ class APIJudge:
         )
 
     def redact(self, text: str) -> str:
+        """``text`` from the server (a reply, an error body) with the API key shown as ***."""
         return text.replace(self._api_key, "***") if self._api_key else text
 
 
@@ -337,12 +342,33 @@ def load_judge_model(model: str, device: str) -> tuple[nn.Module, Any]:
     return model.to(device).eval().requires_grad_(False), tokenizer
 
 
+def key_from_environment(variable: Any, given_inline: bool) -> str:
+    """The judge's API key from the environment variable named by its ``api_key_env``; a ConfigError (one
+    line, before anything runs) when the name is not a variable's name or the variable is not set."""
+    if given_inline:
+        raise ValueError("give api_key or api_key_env, not both")
+    if not isinstance(variable, str) or not ENVIRONMENT_NAME.fullmatch(variable):
+        # (not quoted: a key pasted here by mistake must not reach the terminal)
+        raise ConfigError(
+            "reward 'judge': api_key_env must be the name of an environment variable (letters, digits "
+            "and _), not the key itself"
+        )
+    key = os.environ.get(variable)
+    if not key:
+        raise ConfigError(
+            f"reward 'judge': api_key_env names {variable}, which is not set in the environment; set it to "
+            "the judge's API key"
+        )
+    return key
+
+
 def make_judge(
     *,
     rubric: str = DEFAULT_RUBRIC,
     model: str | None = None,
     base_url: str | None = None,
     api_key: str | None = None,
+    api_key_env: str | None = None,
     api_model: str | None = None,
     max_score: float = 10.0,
     timeout: float = 30.0,
@@ -356,10 +382,12 @@ def make_judge(
 ) -> APIJudge | LocalJudge:
     """The ``judge`` kind: a local model (``model``) or an OpenAI-compatible API (``base_url``).
 
-    For an API: ``base_url`` defaults to ``$GRPO_JUDGE_BASE_URL`` then ``$OPENAI_BASE_URL``, ``api_key`` to
-    ``$GRPO_JUDGE_API_KEY`` then ``$OPENAI_API_KEY`` (none: no Authorization header, as local servers
-    want); ``api_model`` is the model name the server expects. ``timeout`` bounds each request (seconds
-    without data), ``max_retries`` the retries after a first failure, the first ``backoff`` seconds long.
+    For an API: ``base_url`` defaults to ``$GRPO_JUDGE_BASE_URL`` then ``$OPENAI_BASE_URL``. The key is
+    read from the environment variable that ``api_key_env`` names (unset: a ConfigError, at start), else
+    ``api_key`` (never written into a file), else ``$GRPO_JUDGE_API_KEY`` then ``$OPENAI_API_KEY`` (none:
+    no Authorization header, as local servers want); ``api_model`` is the model name the server expects.
+    ``timeout`` bounds each request (seconds without data), ``max_retries`` the retries after a first
+    failure, the first ``backoff`` seconds long.
     For a local model: ``max_score`` must be a whole number up to 100; ``batch_size`` sequences go through
     it at once, on ``device`` (CUDA when available). ``temperature`` and ``max_new_tokens`` apply to the
     API only: the local judge does not generate.
@@ -369,6 +397,10 @@ def make_judge(
     if model is not None:
         if base_url is not None:
             raise ValueError("the judge is either a local model or an API: give model or base_url, not both")
+        if api_key is not None or api_key_env is not None:
+            raise ValueError(
+                "api_key and api_key_env are for a judge behind an API; a local model takes none"
+            )
         if not float(max_score).is_integer() or max_score > MAX_LOCAL_SCORE:
             raise ValueError(
                 f"a local judge's max_score must be a whole number up to {MAX_LOCAL_SCORE}, got {max_score}"
@@ -395,6 +427,8 @@ def make_judge(
             "the judge needs timeout > 0, max_retries >= 0, max_concurrency >= 1 and backoff >= 0; got "
             f"{timeout}, {max_retries}, {max_concurrency}, {backoff}"
         )
+    if api_key_env is not None:
+        api_key = key_from_environment(api_key_env, given_inline=api_key is not None)
     return APIJudge(
         base_url=base_url,
         api_key=api_key or os.environ.get("GRPO_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY"),

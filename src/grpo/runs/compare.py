@@ -18,12 +18,15 @@ The file::
       dpo: {kind: dpo, beta: 0.1}    # `grpo dpo` settings; kind: dpo trains offline on the task's pairs
 
 Each run is its own process (`grpo train` or `grpo dpo` on a settings file written into its folder), so
-that its peak memory is its own; its output goes to ``log.txt`` beside. A finished run (its summary
-written, its settings unchanged) is not run again, and a stopped `grpo train` run continues from its
-checkpoint, so running the comparison again finishes it. The base model is scored once, with `grpo eval`,
-on the held-out questions every method is scored on; so is each DPO model when trained (train methods score
-themselves). The results: ``comparison.json`` (every number), ``comparison.md`` (the table), plots of reward
-and held-out score against step and against training time (``*.svg``) and ``report.html`` with all of it.
+that its peak memory is its own; its output goes to ``log.txt`` beside. A key given in the file (a judge's
+``api_key``) reaches each process through its environment, so that no file written holds it. A finished
+run (its summary written, its settings unchanged) is not run again, and a stopped `grpo train` run
+continues from its checkpoint, so running the comparison again finishes it. The base model is scored
+once, with `grpo eval`, on the held-out questions every method is scored on; so is each DPO model when
+trained (train methods score themselves). The results: ``comparison.json`` (every number),
+``comparison.md`` (the table), plots of reward and held-out score against step and against training time
+(``*.svg``) and ``report.html`` with all of it. A common setting that a method would ignore (see
+grpo.config.compatibility) is left out of that method's run.
 """
 
 from __future__ import annotations
@@ -31,22 +34,32 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from rich.console import Console
 
-from grpo.config.grpo import DEFAULT_MODEL
-from grpo.config.loading import load_config, load_settings, read_yaml, to_dict
+from grpo.config.compatibility import ignored_settings
+from grpo.config.grpo import ALIASES, DEFAULT_MODEL, GRPOConfig
+from grpo.config.loading import (
+    load_config,
+    load_settings,
+    merge_layers,
+    read_yaml,
+    secrets_by_environment,
+    to_dict,
+    without_secrets,
+)
 from grpo.config.stages import DPOConfig
-from grpo.errors import ConfigError, RunFailed
-from grpo.files import write_json_atomic, write_text_atomic
+from grpo.errors import ConfigError, RunFailed, RunFilesError
+from grpo.files import check_output_dir, write_json_atomic, write_text_atomic
 from grpo.runs.layout import (
     EVAL_AFTER_FILE,
     EVAL_STEP_GLOB,
@@ -80,15 +93,19 @@ class Run:
     seed: int
     directory: Path
     settings: dict[str, Any]  # the run's settings, validated, as its settings file holds them
+    # The secrets its settings name by environment variable (see secrets_by_environment): never written.
+    environment: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def finished(self) -> bool:
+        """Whether the run has its summary and ran with these settings (a damaged settings file: no)."""
         path = self.directory / SETTINGS_FILE
-        return (
-            (self.directory / SUMMARY_FILE).is_file()
-            and path.is_file()
-            and yaml.safe_load(path.read_text()) == self.settings
-        )
+        if not (self.directory / SUMMARY_FILE).is_file() or not path.is_file():
+            return False
+        try:
+            return yaml.safe_load(path.read_text(encoding="utf-8")) == self.settings
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return False  # (run again: its settings file is rewritten first)
 
 
 @dataclass(frozen=True)
@@ -98,8 +115,17 @@ class Plan:
     dataset: str
     eval_max_samples: int
     max_completion_length: int
-    reward_funcs: list[Any]
+    reward_funcs: list[Any]  # as the eval file holds them: secrets named by environment variable
     runs: list[Run]
+    environment: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+
+def acting(values: dict[str, Any], own: dict[str, Any], source: str) -> dict[str, Any]:
+    """A train method's settings: the comparison's where they act under it (a common epsilon does nothing
+    for softmax_weighted, which would refuse it), and the method's ``own`` always."""
+    candidate = GRPOConfig(**merge_layers(GRPOConfig, None, values, ALIASES, source))
+    ignored = set(ignored_settings(candidate)) - set(own)
+    return {key: value for key, value in values.items() if key not in ignored}
 
 
 def plan(path: str | Path) -> Plan:
@@ -124,12 +150,13 @@ def plan(path: str | Path) -> Plan:
     held_out = {
         "eval_max_samples": data.get("eval_max_samples", 100),
         "eval_steps": data.get("eval_steps", 0),
+        "eval_check_samples": 0,  # the checks during training score the same rows as before and after
     }
 
     runs = []
-    reference = load_config(
-        None, {**shared, **held_out, **common}, source=f"{path}: common", base=resumed_base
-    )
+    values, source = {**shared, **held_out, **common}, f"{path}: common"
+    reference = load_config(None, acting(values, {}, source), source=source, base=resumed_base)
+    eval_rewards, eval_environment = secrets_by_environment(reference.reward_funcs, f"{path}: common")
     for name, method in methods.items():
         if not isinstance(method, dict | None):
             raise ConfigError(f"{path}: methods: {name} must be a mapping of its settings")
@@ -141,30 +168,42 @@ def plan(path: str | Path) -> Plan:
             directory = root / f"{name}-seed{seed}"
             source = f"{path}: methods: {name}"
             given = {**shared, "seed": seed, "output_dir": str(directory)}
+            environment: dict[str, str] = {}
             if kind == "train":
                 values = {**given, **held_out, "eval_on_start": False, **common, **method}
-                settings = to_dict(load_config(None, values, source=source, base=resumed_base))
+                config = load_config(None, acting(values, method, source), source=source, base=resumed_base)
+                entries, environment = secrets_by_environment(config.reward_funcs, source)
+                settings = to_dict(dataclasses.replace(config, reward_funcs=entries))
             else:
-                dpo = load_settings(DPOConfig, None, {**given, **method}, source=source)
-                settings = dataclasses.asdict(dpo)
-            runs.append(Run(str(name), kind, seed, directory, json.loads(json.dumps(settings))))
+                settings = to_dict(load_settings(DPOConfig, None, {**given, **method}, source=source))
+            settings = json.loads(json.dumps(settings))
+            runs.append(Run(str(name), kind, seed, directory, settings, environment))
     return Plan(
         root,
         model,
         dataset,
         int(reference.eval_max_samples),
         reference.max_completion_length,
-        reference.reward_funcs,
+        eval_rewards,
         runs,
+        eval_environment,
     )
 
 
 # --- running ----------------------------------------------------------------------------------------------
-def run_command(command: list[str], log: Path, what: str, console: Console) -> None:
-    """Run a `grpo` command in its own process, its output into ``log``; a failure stops the comparison."""
-    log.parent.mkdir(parents=True, exist_ok=True)
+def run_command(
+    command: list[str], log: Path, what: str, console: Console, environment: dict[str, str]
+) -> None:
+    """Run a `grpo` command in its own process, with ``environment`` added to this one's and its output
+    into ``log``; a failure stops the comparison."""
     with open(log, "a", encoding="utf-8") as out:
-        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=False).returncode
+        code = subprocess.run(
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **environment},
+            check=False,
+        ).returncode
     if code != 0:
         tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:] or [""]
         raise RunFailed(f"{what} failed (exit code {code}): {tail[0]} — the whole output is in {log}")
@@ -178,7 +217,7 @@ def grpo_command(*args: str) -> list[str]:
 def evaluate_model(plan_: Plan, model: str, output: Path, log: Path, console: Console) -> None:
     """Score ``model`` on the comparison's held-out questions with the train methods' reward functions."""
     rewards = plan_.root / "rewards.yaml"
-    write_text_atomic(rewards, yaml.safe_dump({"reward_funcs": plan_.reward_funcs}))
+    write_text_atomic(rewards, yaml.safe_dump(without_secrets({"reward_funcs": plan_.reward_funcs})))
     command = grpo_command(
         "eval",
         "--model",
@@ -194,14 +233,14 @@ def evaluate_model(plan_: Plan, model: str, output: Path, log: Path, console: Co
         "--output",
         str(output),
     )
-    run_command(command, log, f"held-out score of {model}", console)
+    run_command(command, log, f"held-out score of {model}", console, plan_.environment)
 
 
 def run_comparison(path: str | Path, console: Console) -> dict[str, Any]:
     """Train and score every run of the comparison that has not finished yet; write and return the results."""
     started = time.perf_counter()
     plan_ = plan(path)
-    plan_.root.mkdir(parents=True, exist_ok=True)
+    check_output_dir(plan_.root, f"{path}: output_dir")
     console.print(
         f"[bold]grpo compare[/]: {len(plan_.runs)} runs of {plan_.model} on {plan_.dataset} → {plan_.root}"
     )
@@ -213,12 +252,12 @@ def run_comparison(path: str | Path, console: Console) -> dict[str, Any]:
             console.print(f"run {number}/{len(plan_.runs)}: {label}: finished earlier")
             continue
         console.print(f"run {number}/{len(plan_.runs)}: {label} → {run.directory}")
-        run.directory.mkdir(parents=True, exist_ok=True)
+        check_output_dir(run.directory, f"{path}: methods: {run.method}: output_dir")
         (run.directory / SUMMARY_FILE).unlink(missing_ok=True)  # a summary of other settings
         write_text_atomic(run.directory / SETTINGS_FILE, yaml.safe_dump(run.settings, sort_keys=False))
         command = "train" if run.kind == "train" else "dpo"
         args = grpo_command(command, "--config", str(run.directory / SETTINGS_FILE))
-        run_command(args, run.directory / LOG_FILE, f"grpo {command} for {label}", console)
+        run_command(args, run.directory / LOG_FILE, f"grpo {command} for {label}", console, run.environment)
         if run.kind == "dpo":
             final_model = str(run.directory / FINAL_MODEL)
             output = run.directory / EVAL_AFTER_FILE
@@ -236,12 +275,30 @@ def run_comparison(path: str | Path, console: Console) -> dict[str, Any]:
 
 # --- the results ------------------------------------------------------------------------------------------
 def read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    """A run's JSON file (None when missing); a damaged one is a RunFilesError naming it."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise damaged(path, error) from None
+
+
+def damaged(path: Path, error: Exception) -> RunFilesError:
+    """The one-line error for a run's file that cannot be read, and how to get past it."""
+    return RunFilesError(
+        f"{path}: damaged ({type(error).__name__}); remove it, or that run's folder to run it again"
+    )
 
 
 def held_out_solved(path: Path) -> float | None:
     data = read_json(path)
-    return None if data is None else float(data["summary"]["solved"])
+    if data is None:
+        return None
+    try:
+        return float(data["summary"]["solved"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise damaged(path, error) from None
 
 
 def curves(run: Run, base_solved: float | None) -> dict[str, list[list[float]]]:
@@ -249,7 +306,10 @@ def curves(run: Run, base_solved: float | None) -> dict[str, list[list[float]]]:
     lines = []
     metrics = run.directory / METRICS_FILE
     if metrics.is_file():
-        lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        try:
+            lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            raise damaged(metrics, error) from None
     elapsed, clock = 0.0, {0: 0.0}
     for line in lines:
         elapsed += float(line.get("step_time", 0.0))

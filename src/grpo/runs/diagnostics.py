@@ -5,7 +5,8 @@ Each check is a pure function of the logged metrics (the lines of metrics.jsonl,
 reward hacking, of the held-out scores; it judges the latest steps and returns a :class:`Finding` — one
 sentence with the step and the numbers — or None. The trainer prints each finding once, when it appears,
 and again only after it has cleared (:class:`Watch`); report.html lists every episode at its top
-(:func:`scan`). :func:`held_out_scores` reads the held-out scores a run has written so far.
+(:func:`scan`). :func:`held_out_scores` reads the held-out scores a run has written so far, each over the
+same held-out rows.
 """
 
 from __future__ import annotations
@@ -34,10 +35,15 @@ WINDOW = 5
 
 
 # Reward hacking: the held-out solved rate fell this much (absolute) from its best while the training
-# reward rose at least REWARD_RISE. Five points is more than a greedy score on a couple of hundred
-# questions moves between neighbouring checkpoints of a healthy run; a rise of 0.05 (a twentieth of one
-# reward function's full mark) is more than the noise of a five-step mean.
-HELD_OUT_DROP = 0.05
+# reward rose at least REWARD_RISE. The checks during training score few rows (eval_check_samples, 50 by
+# default), and every point of the series is taken on the same rows (held_out_scores), so two points differ
+# by the rows whose greedy answer flipped between them. They flip both ways in a healthy run: in the default
+# run, 7 of the first 50 were lost and 8 gained between the checks at steps 10 and 20. With k flips the net
+# change has a standard deviation of √k rows when nothing changed on the whole, √15 ≈ 4 of 50 (8 points)
+# here, so a fall counts from 15 points (8 rows of 50), about twice that; hacking, once it sets in, costs
+# far more (the answers stop being answers). A rise of 0.05 (a twentieth of one reward function's full
+# mark) of the training reward at the same time is then no longer noise.
+HELD_OUT_DROP = 0.15
 
 
 REWARD_RISE = 0.05
@@ -55,11 +61,14 @@ LENGTH_GROWTH_MIN_TOKENS = 16
 TRUNCATED_SHARE = 0.5
 
 
-# KL (per completion token, to the reference): a stable run stays around 0.001–0.1. Half a nat per token
-# means the policy's choices differ from the reference's on most tokens. A tenfold jump between two
-# consecutive windows is an explosion too, once it matters (above KL_JUMP_FLOOR) and from a KL that had
-# settled (at least KL_JUMP_BASE): the KL starts at 0, so its first climb grows by large factors in a healthy
-# run (from about 0.005 over its first five steps to 0.1 over the next five, say).
+# KL (per completion token, to the reference): a stable run stays around 0.001–0.3 (the default run
+# plateaus near 0.2). Half a nat per token means the policy's choices differ from the reference's on most
+# tokens. A tenfold jump between two consecutive windows is an explosion too, once it matters (to at least
+# KL_JUMP_FLOOR), from a KL that is not negligible (at least KL_JUMP_BASE) and that had settled: the window
+# before the jump grew at most KL_SETTLED-fold over the one before it. The KL starts at exactly 0 and its
+# first climb multiplies it by ten or more per window in a healthy run (the default run: 0.011 over steps
+# 1–5, 0.12 over 6–10, then about 0.2 to the end), so a jump counts only as a departure from a plateau;
+# an explosion during the first climb shows as a KL above KL_HIGH.
 KL_HIGH = 0.5
 
 
@@ -72,8 +81,22 @@ KL_JUMP_FLOOR = 0.1
 KL_JUMP_BASE = 0.01
 
 
-# Entropy (nats per completion token; logged when top_entropy_quantile < 1): below the floor the policy
-# samples nearly the same tokens every time; a fall to a tenth of its start is a collapse in progress.
+KL_SETTLED = 2.0
+
+
+# Entropy (nats per completion token): SAMPLED_ENTROPY, logged at every step, is the mean −log π of the
+# sampled tokens, a Monte-Carlo estimate whose expectation is the entropy of the sampling distribution (at
+# its temperature; under top_p/top_k a cross-entropy a little above it: grpo.train.grpo.sampled_entropy),
+# averaged here over a window of thousands of tokens; EXACT_ENTROPY, logged when top_entropy_quantile < 1,
+# is read instead where present. The same thresholds hold for both: below the floor the policy samples
+# nearly the same tokens every time (near zero the estimate is exact, as every sampled token has π ≈ 1);
+# a fall to a tenth of its start is a collapse in progress. Neither counts once the run has learned (below).
+SAMPLED_ENTROPY = "entropy"
+
+
+EXACT_ENTROPY = "entropy/mean"
+
+
 ENTROPY_FLOOR = 0.05
 
 
@@ -84,6 +107,20 @@ ENTROPY_DROP = 0.1
 # that nearly solves its task has a third to a half of such groups; three in four means the step is mostly
 # wasted.
 ZERO_STD_SHARE = 0.75
+
+
+# A run that has learned its task ends with groups that score alike and a near-deterministic policy, because
+# it solves its prompts the same way every time: the default run ends with 75–100% of its groups alike and
+# 0.02–0.06 nats per token (from 0.65 at the start), most of its completions solved, as its held-out score
+# goes from 19.5% to 88.5%. That is success, not the failure no_signal and entropy_collapse warn of, which
+# leaves groups alike before the prompts are solved. A run has *learned* when its reward rose at least
+# LEARNED_RISE since the start (a quarter of one reward function's full mark: far above the noise of the
+# reward once most groups score alike) and at least SOLVED_SHARE of its recent completions are solved (the
+# logged ``solved``: full marks from every reward; runs from before it was logged are judged on the rise).
+LEARNED_RISE = 0.25
+
+
+SOLVED_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -142,7 +179,7 @@ def reward_hacking(history: Metrics, held_out: HeldOut) -> Finding | None:
         return None
     *earlier, (step, score) = held_out
     best_step, best = max(earlier, key=lambda point: (point[1], -point[0]))  # the best, earliest on ties
-    if best - score < HELD_OUT_DROP:
+    if round(best - score, 9) < HELD_OUT_DROP:  # (rounded: 0.6 − 0.5 is 0.0999… in floating point)
         return None
     then, now = _reward_at(history, best_step), _reward_at(history, step)
     if then is None or now is None or now - then < REWARD_RISE:
@@ -186,7 +223,7 @@ def truncation(history: Metrics) -> Finding | None:
 
 
 def kl_explosion(history: Metrics) -> Finding | None:
-    """The KL to the reference is high, or jumped tenfold from the previous window."""
+    """The KL to the reference is high, or jumped tenfold from the previous window after it had settled."""
     recent = _recent(history, "kl")
     if recent is None:
         return None
@@ -199,8 +236,13 @@ def kl_explosion(history: Metrics) -> Finding | None:
             f"(above {KL_HIGH}): the policy has moved far from the reference; raise beta or lower "
             "learning_rate.",
         )
-    previous = _mean(_values(history[-2 * WINDOW : -WINDOW], "kl")) if len(history) > WINDOW else None
-    if previous is not None and previous >= KL_JUMP_BASE and recent >= max(KL_JUMP_FLOOR, KL_JUMP * previous):
+    if len(history) < 3 * WINDOW:
+        return None
+    before = _mean(_values(history[-3 * WINDOW : -2 * WINDOW], "kl"))
+    previous = _mean(_values(history[-2 * WINDOW : -WINDOW], "kl"))
+    if before is None or previous is None or previous < KL_JUMP_BASE or previous > KL_SETTLED * before:
+        return None  # negligible, or still in its first climb
+    if recent >= max(KL_JUMP_FLOOR, KL_JUMP * previous):
         return Finding(
             "kl_explosion",
             step,
@@ -211,10 +253,28 @@ def kl_explosion(history: Metrics) -> Finding | None:
     return None
 
 
+def _learned(history: Metrics) -> bool:
+    """Whether the run has learned its task (see LEARNED_RISE): its reward rose since the start, and most
+    of its recent completions are solved where the run logs that share."""
+    reward, start = _recent(history, "reward"), _early(history, "reward")
+    if reward is None or start is None or reward - start < LEARNED_RISE:
+        return False
+    solved = _recent(history, "solved")
+    return solved is None or solved >= SOLVED_SHARE
+
+
+def _entropy_key(history: Metrics) -> str:
+    """The exact entropy where the run logs it (top_entropy_quantile < 1), else the estimate from the
+    sampled tokens that every step logs."""
+    return EXACT_ENTROPY if any(EXACT_ENTROPY in line for line in history) else SAMPLED_ENTROPY
+
+
 def entropy_collapse(history: Metrics) -> Finding | None:
-    """The policy's entropy per token is near zero, or fell to a tenth of its start."""
-    recent, early = _recent(history, "entropy/mean"), _early(history, "entropy/mean")
-    if recent is None:
+    """The policy's entropy per token is near zero, or fell to a tenth of its start, before the run has
+    learned its prompts (see :func:`_learned`)."""
+    key = _entropy_key(history)
+    recent, early = _recent(history, key), _early(history, key)
+    if recent is None or _learned(history):
         return None
     step = _step(history)
     if recent < ENTROPY_FLOOR:
@@ -237,9 +297,12 @@ def entropy_collapse(history: Metrics) -> Finding | None:
 
 
 def no_signal(history: Metrics) -> Finding | None:
-    """Most groups had all their completions rewarded alike, so their advantages are zero."""
+    """Most groups had all their completions rewarded alike, so their advantages are zero, before the run
+    has learned its prompts (see :func:`_learned`)."""
     recent = _recent(history, "frac_reward_zero_std")
     if recent is None or recent < ZERO_STD_SHARE:
+        return None
+    if _learned(history):
         return None
     reward = _recent(history, "reward")
     at = f" (mean reward {reward:.2f})" if reward is not None else ""
@@ -303,7 +366,12 @@ def held_out_scores(
     """The held-out summaries a run has written for steps up to ``up_to``, as (step, summary), oldest
     first: eval_before.json at step 0, eval_stepN.json at N, and eval_after.json at ``after_at`` when given
     (the step the run ended at; during training that file is absent or a previous attempt's).
-    Unreadable files are left out."""
+
+    Every summary is over the same rows, so that the series compares like with like: the checks during
+    training score the first eval_check_samples held-out rows, before and after the first eval_max_samples,
+    and a file that scored more rows than the fewest any of them did is summarised again over its first
+    rows from its per-row records (``rows``, ``solved`` and each ``reward/<name>``). Unreadable files are
+    left out."""
     points: list[tuple[int, Path]] = [(0, run_dir / EVAL_BEFORE_FILE)]
     for path in run_dir.glob(EVAL_STEP_GLOB):
         number = path.stem.removeprefix(EVAL_STEP_PREFIX)
@@ -311,26 +379,71 @@ def held_out_scores(
             points.append((int(number), path))
     if after_at is not None:
         points.append((after_at, run_dir / EVAL_AFTER_FILE))
-    scores = []
+    evaluations = []
     for step, path in sorted(points, key=lambda point: point[0]):
         try:
             stat = path.stat()
         except OSError:
             continue
-        summary = _eval_summary(str(path), stat.st_mtime_ns, stat.st_size)
-        if summary is not None:
-            scores.append((step, summary))
-    return scores
+        evaluation = _eval_file(str(path), stat.st_mtime_ns, stat.st_size)
+        if evaluation is not None:
+            evaluations.append((step, evaluation))
+    counts = [_rows_scored(summary, records) for _, (summary, records) in evaluations]
+    shared_rows = min((count for count in counts if count), default=0)  # (0: a file that does not say)
+    return [
+        (step, _over_first_rows(summary, records, shared_rows)) for step, (summary, records) in evaluations
+    ]
 
 
-@functools.lru_cache(maxsize=256)
-def _eval_summary(path: str, mtime_ns: int, size: int) -> dict[str, Any] | None:
-    """An evaluation file's summary, read once per version of the file (the trainer asks at every logged
-    step, and the files hold every completion)."""
+def _rows_scored(summary: dict[str, Any], records: tuple[dict, ...]) -> int:
+    rows = summary.get("rows")
+    return int(rows) if _is_score(rows) else len(records)
+
+
+def _over_first_rows(summary: dict[str, Any], records: tuple[dict, ...], rows: int) -> dict[str, Any]:
+    """An evaluation's summary over its first ``rows`` records: as written when it scored no more (or
+    holds no records to summarise again)."""
+    if not 0 < rows < len(records):  # (a summary without records stays as written)
+        return summary
+    first = records[:rows]
+    solved = [float(flag) for record in first for flag in record["solved"]]
+    restricted: dict[str, Any] = {
+        "rows": float(rows),
+        "samples_per_row": summary.get("samples_per_row", 1.0),
+        "solved": sum(solved) / len(solved),
+    }
+    for name in first[0]["scores"]:
+        scores = [v for record in first for v in record["scores"].get(name, ()) if _is_score(v)]
+        restricted[f"reward/{name}"] = sum(scores) / len(scores) if scores else math.nan
+    return restricted
+
+
+def _is_score(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@functools.lru_cache(maxsize=32)
+def _eval_file(path: str, mtime_ns: int, size: int) -> tuple[dict[str, Any], tuple[dict, ...]] | None:
+    """An evaluation file's summary and per-row records, read once per version of the file (the trainer
+    asks at every logged step, and the files hold every completion). Records that do not hold a list of
+    solved flags and a mapping of scores are not kept (nor, then, used to summarise the file again)."""
     try:
-        summary = json.loads(Path(path).read_text(encoding="utf-8"))["summary"]
-    except (OSError, ValueError, KeyError, TypeError):
+        content = json.loads(Path(path).read_text(encoding="utf-8"))
+        summary, records = content["summary"], content.get("rows", [])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     if not isinstance(summary, dict) or not isinstance(summary.get("solved"), (int, float)):
         return None
-    return summary
+    if not (isinstance(records, list) and all(_is_record(record) for record in records)):
+        records = []
+    return summary, tuple(records)
+
+
+def _is_record(record: Any) -> bool:
+    return (
+        isinstance(record, dict)
+        and isinstance(record.get("solved"), list)
+        and len(record["solved"]) > 0
+        and isinstance(record.get("scores"), dict)
+        and all(isinstance(values, list) for values in record["scores"].values())
+    )

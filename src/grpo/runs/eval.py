@@ -103,7 +103,7 @@ def evaluate(
     if ks[0] < 1 or ks[-1] > num_samples:
         raise ValueError(f"every k must be between 1 and num_samples = {num_samples}, got {ks}")
     greedy = num_samples == 1
-    graded = [f for f, reward in enumerate(rewards) if not getattr(reward.func, "unbounded", False)]
+    graded = [f for f, reward in enumerate(rewards) if reward.graded]
     records: list[dict[str, Any]] = []
     all_scores = []
     for start in range(0, len(rows), max(1, batch_size // num_samples)):

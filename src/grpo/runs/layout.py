@@ -3,6 +3,7 @@
 A run directory (``output_dir``; by default ``runs/<name>-<time>``, see :func:`default_output_dir`) holds::
 
     config.yaml          the run's settings, as it ran with them
+    reward_files.json    the sha256 of each code file behind its rewards, as the run started with them
     metrics.jsonl        one JSON line per logged step
     samples.jsonl        one JSON line per logged step: a few sampled completions with their rewards
     eval_before.json     held-out scores before training (eval_on_start)
@@ -30,6 +31,7 @@ from typing import Any
 RUNS_DIR = "runs"
 
 CONFIG_FILE = "config.yaml"
+REWARD_FILES_FILE = "reward_files.json"
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
 SUMMARY_FILE = "summary.json"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from grpo.config.loading import without_secrets
 from grpo.errors import RunFilesError
 from grpo.files import write_text_atomic
 from grpo.runs.diagnostics import WINDOW, Finding, held_out_scores, scan
@@ -73,17 +75,30 @@ class RunFiles:
 
 
 def write_report(run_dir: str | Path) -> Path:
-    """Write ``run_dir/report.html`` from the run's files and return its path."""
+    """Write ``run_dir/report.html`` from the run's files and return its path. A run directory that is
+    missing, holds nothing readable, or where the page cannot be written is a RunFilesError naming it;
+    damaged files that leave something to show are listed on the page instead."""
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise RunFilesError(f"{run_dir}: is a file, not a run directory")
     if not run_dir.is_dir():
         raise RunFilesError(f"{run_dir}: no such run directory")
     run = read_run(run_dir)
     if run.config is None and not run.metrics and run.summary is None:
+        if run.problems:
+            raise RunFilesError(f"{run_dir}: nothing to report: {'; '.join(run.problems)}")
         raise RunFilesError(
             f"{run_dir}: not a run directory (no readable {CONFIG_FILE}, {METRICS_FILE} or {SUMMARY_FILE})"
         )
     path = run_dir / REPORT_FILE
-    write_text_atomic(path, render(run))
+    if path.is_dir():
+        raise RunFilesError(f"{path}: is a directory; remove it to write the report there")
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise RunFilesError(f"{run_dir}: is not writable by this user, so {REPORT_FILE} cannot be written")
+    try:
+        write_text_atomic(path, render(run))
+    except OSError as error:
+        raise RunFilesError(f"{path}: cannot be written ({error.strerror or error})") from None
     return path
 
 
@@ -108,6 +123,11 @@ def read_run(run_dir: Path) -> RunFiles:
     by_step = {int(m["step"]): m for m in _read_lines(run, METRICS_FILE) or []}
     run.metrics = [by_step[step] for step in sorted(by_step)]
     run.samples = _read_lines(run, SAMPLES_FILE)
+    for path in sorted(run_dir.glob(EVAL_GLOB)):
+        evaluation = _read(run, path.name, json.loads)  # (the held-out scores leave out what fails here)
+        summary_of = evaluation.get("summary") if isinstance(evaluation, dict) else None
+        if evaluation is not None and not isinstance(summary_of, dict):
+            run.problems.append(f"{path.name}: not a held-out evaluation (no summary)")
     after_at = run.finished_at if run.finished_at is not None else run.last_step
     run.held_out = held_out_scores(run_dir, up_to=run.last_step, after_at=after_at)
     return run
@@ -189,8 +209,10 @@ def _diagnostics_section(run: RunFiles) -> str:
     notes = []
     if len(held_out) < 2:
         notes.append("reward hacking needs at least two held-out scores (eval_on_start, eval_steps)")
-    if not any("entropy/mean" in m for m in run.metrics):
-        notes.append("entropy is logged only with top_entropy_quantile < 1")
+    if not any("entropy" in m or "entropy/mean" in m for m in run.metrics):
+        notes.append(
+            "entropy, not in this run's metrics (older runs logged it only under top_entropy_quantile < 1)"
+        )
     note = f" Not checked: {'; '.join(notes)}." if notes else ""
     if not items:
         head = '<p class="ok">No warning signs.</p>'
@@ -286,7 +308,15 @@ def _plots_section(run: RunFiles) -> str:
         ),
         ("held-out", "Held-out score", "score", _held_out_series(run)),
         ("kl", "KL to the reference (per token)", "KL", [_series(m, "kl", "KL")]),
-        ("entropy", "Policy entropy (nats per token)", "entropy", [_series(m, "entropy/mean", "entropy")]),
+        (
+            "entropy",
+            "Policy entropy (nats per token)",
+            "entropy",
+            [
+                _series(m, "entropy", "estimate: −log π of the sampled tokens"),
+                _series(m, "entropy/mean", "exact"),
+            ],
+        ),
         (
             "clipping",
             "Clipped tokens (fraction)",
@@ -431,7 +461,7 @@ def _config_section(run: RunFiles) -> str:
             return f"<code>{esc(json.dumps(v, ensure_ascii=False))}</code>"
         return f"<code>{esc(v)}</code>"
 
-    rows = [[esc(key), value(v)] for key, v in run.config.items()]
+    rows = [[esc(key), value(v)] for key, v in without_secrets(run.config).items()]
     return f'<p class="muted">From {CONFIG_FILE}.</p>\n' + html_table(["setting", "value"], rows, "config")
 
 

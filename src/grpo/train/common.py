@@ -7,10 +7,15 @@ import random
 import resource
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from grpo.errors import ConfigError
+from grpo.models.checkpoint import latest_checkpoint
+from grpo.runs.layout import default_output_dir
 
 
 def seed_everything(seed: int) -> None:
@@ -51,3 +56,12 @@ def is_out_of_memory(error: BaseException) -> bool:
     """A failed allocation: Python's MemoryError, CUDA's "out of memory", or the CPU allocator's message."""
     message = str(error).lower()
     return isinstance(error, MemoryError) or "out of memory" in message or "can't allocate memory" in message
+
+
+def stage_output_dir(output_dir: str | None, stage: str, dataset: str, fallback: str = "run") -> Path:
+    """Where `grpo sft`, `reward-model` or `dpo` writes: ``output_dir``, or runs/<stage>-<dataset>-<time>;
+    never a `grpo train` run's directory, whose config, metrics and summary it would overwrite."""
+    path = Path(output_dir) if output_dir else default_output_dir(stage, dataset, fallback)
+    if latest_checkpoint(path) is not None:
+        raise ConfigError(f"{path}: holds checkpoints of a `grpo train` run; choose another output_dir")
+    return path

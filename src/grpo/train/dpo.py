@@ -36,16 +36,16 @@ from transformers import get_scheduler
 
 from grpo.accel.install import Speedups, make_models_lean
 from grpo.algo.preference_losses import dpo_loss
+from grpo.config.loading import to_dict
 from grpo.config.stages import DPOConfig
 from grpo.data.preferences import PairRow, is_builtin, load_pairs
 from grpo.data.prompts import render_prompt
-from grpo.errors import ConfigError, DataError, ModelError
-from grpo.files import remove_leftovers, write_json_atomic, write_text_atomic
-from grpo.models.checkpoint import latest_checkpoint
+from grpo.errors import DataError, ModelError
+from grpo.files import check_output_dir, remove_leftovers, write_json_atomic, write_text_atomic
 from grpo.models.loading import parameter_counts, resolve_model, save_final_model, trainable_parameters
 from grpo.models.policy import PolicyAndReference, load_policy
-from grpo.runs.layout import CONFIG_FILE, FINAL_MODEL, METRICS_FILE, SUMMARY_FILE, default_output_dir
-from grpo.train.common import peak_memory_mb, seed_everything, step_progress
+from grpo.runs.layout import CONFIG_FILE, FINAL_MODEL, METRICS_FILE, SUMMARY_FILE
+from grpo.train.common import peak_memory_mb, seed_everything, stage_output_dir, step_progress
 from grpo.train.update import apply_update
 
 
@@ -341,9 +341,7 @@ def run_dpo(config: DPOConfig, console: Console) -> dict[str, Any]:
     started = time.perf_counter()
     train_rows, eval_rows = load_pair_sets(config)
     model_path = resolve_model(config.model_name_or_path)
-    output_dir = Path(config.output_dir) if config.output_dir else default_output_dir("dpo", config.dataset)
-    if latest_checkpoint(output_dir) is not None:
-        raise ConfigError(f"{output_dir}: holds checkpoints of a `grpo train` run; choose another output_dir")
+    output_dir = stage_output_dir(config.output_dir, "dpo", config.dataset)
     seed_everything(config.seed)
 
     # load_policy reads only the model and LoRA settings, which DPOConfig shares with GRPOConfig by name.
@@ -362,11 +360,11 @@ def run_dpo(config: DPOConfig, console: Console) -> dict[str, Any]:
     eval_pairs = eval_pairs[: config.max_eval_pairs or None]
 
     config = dataclasses.replace(config, output_dir=str(output_dir))
-    output_dir.mkdir(parents=True, exist_ok=True)
+    check_output_dir(output_dir)
     remove_leftovers(output_dir)
     for stale in (output_dir / METRICS_FILE, output_dir / SUMMARY_FILE):
         stale.unlink(missing_ok=True)  # an earlier run's, which this one replaces
-    write_text_atomic(output_dir / CONFIG_FILE, yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    write_text_atomic(output_dir / CONFIG_FILE, yaml.safe_dump(to_dict(config), sort_keys=False))
     console.print(
         f"[bold]grpo dpo[/]: {config.model_name_or_path} on {len(train_pairs)} pairs of {config.dataset} "
         f"→ {output_dir}"

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from grpo.algo.logprobs import high_entropy_tokens, masked_mean
+from grpo.algo.logprobs import high_entropy_tokens, masked_mean, surprisal_sum
 from grpo.algo.losses import policy_loss, softmax_weighted_loss
 from grpo.config.grpo import GRPOConfig
 from grpo.config.loading import to_dict
@@ -91,12 +91,15 @@ class GRPOTrainer:
         loss_of = self.objective(trajectories)
         sums: dict[str, float] = defaultdict(float)
         grad_norms = []
+        surprisal = 0.0  # Σ −log π(token) over the loss tokens, in the first pass: the logged entropy
         self.policy.train()
-        for _ in range(c.num_iterations):
+        for iteration in range(c.num_iterations):
             self.speed.before_update(self.policy.parameters())
             for part in trajectories.micro_batches:
                 logps, entropy = self.policy_logps_and_entropy(trajectories, part)
                 loss, metrics = loss_of(part, logps, old_logps, ref_logps, entropy)
+                if iteration == 0:  # (later passes score the tokens with a policy that did not sample them)
+                    surprisal += surprisal_sum(logps, trajectories.loss_mask[part]).item()
                 self.backward(loss, loss_of.gradient_scale)
                 sums["loss"] += loss.item() / c.num_iterations
                 for key, value in metrics.items():
@@ -107,7 +110,10 @@ class GRPOTrainer:
             grad_norms.append(self.apply_update(sums["loss"], loss_of.gradient_scale))
             sums["skipped_updates"] += 0 if math.isfinite(grad_norms[-1]) else 1
         self.step += 1
-        sums["reference_synced"] = float(self.sync_reference_if_due())
+        sums["entropy"] = sampled_entropy(surprisal, trajectories.loss_mask)
+        synced = self.models.sync_reference_every(c.ref_model_sync_steps, self.step)
+        self.reference_synced |= synced
+        sums["reference_synced"] = float(synced)
         step_time = time.perf_counter() - started
         batch, sums = self.whole_step(batch, sums, loss_of.sums_over_ranks)
         return self.metrics(batch, sums, grad_norms, generation_time, step_time)
@@ -204,15 +210,6 @@ class GRPOTrainer:
         self.speed.between_phases()
         return norm
 
-    def sync_reference_if_due(self) -> bool:
-        """Iterative RL (``ref_model_sync_steps``): every so many steps the reference becomes the policy."""
-        every = self.config.ref_model_sync_steps
-        if not (every and self.step % every == 0 and self.models.needs_reference):
-            return False
-        self.models.sync_reference()
-        self.reference_synced = True
-        return True
-
     def whole_step(
         self, batch: ScoredBatch, sums: dict[str, float], sums_over_ranks: bool
     ) -> tuple[ScoredBatch, dict[str, float]]:
@@ -234,9 +231,10 @@ class GRPOTrainer:
     ) -> dict[str, float]:
         self.last_batch = batch
         names = [r.name for r in self.rewards]
+        graded = [r.graded for r in self.rewards]
         learning_rate = self.update.learning_rate
         return step_metrics(
-            self.step, batch, names, sums, grad_norms, learning_rate, generation_time, step_time
+            self.step, batch, names, sums, grad_norms, learning_rate, generation_time, step_time, graded
         )
 
     # --- the run -----------------------------------------------------------------------------------------
@@ -244,8 +242,7 @@ class GRPOTrainer:
         self, progress: Callable[[int, dict[str, float]], None] | None = None
     ) -> list[dict[str, float]]:
         """Run until ``max_steps`` (see :func:`grpo.train.loop.run_loop`); the logged metrics of the run."""
-        c = self.config
-        return run_loop(self, c.max_steps, c.logging_steps, c.save_steps, self.ranks, progress, self.on_step)
+        return run_loop(self, self.config, self.ranks, progress, self.on_step)
 
     @property
     def backend(self) -> GenerationBackend | None:
@@ -292,6 +289,16 @@ class GRPOTrainer:
             load_reference(checkpoint, self.models)
             self.reference_synced = True
         self.step = resume_logs(self.log, state, rng, self.ranks)
+
+
+def sampled_entropy(surprisal: float, loss_mask: torch.Tensor) -> float:
+    """The logged ``entropy``: the mean of −log π(token) over a step's loss tokens (``surprisal`` is their
+    sum, see :func:`grpo.algo.logprobs.surprisal_sum`), a Monte-Carlo estimate of the policy's entropy
+    per token at the sampling temperature, logged at every step at no cost. Under top_p or top_k it is the
+    cross-entropy of the truncated sampler against the policy; the exact entropy of the whole distribution
+    is logged as ``entropy/mean`` where top_entropy_quantile < 1 computes it. NaN without loss tokens."""
+    tokens = loss_mask.sum().item()
+    return surprisal / tokens if tokens else math.nan
 
 
 @dataclass(frozen=True)

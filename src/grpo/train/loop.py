@@ -1,11 +1,14 @@
 """The loop around a trainer's steps, shared by GRPO and PPO: logs, checkpoints, signals.
 
 :func:`run_loop` calls ``trainer.train_step()`` until ``max_steps``; after each logged step it writes
-metrics.jsonl, samples.jsonl and TensorBoard (:class:`RunLog`) and shows new diagnostic warnings; it saves
-a checkpoint every ``save_steps`` and at the end. SIGINT or SIGTERM (:class:`StopSignals`) stops the run at
-the next safe point with a checkpoint (a second signal stops it at once). A step that fails before it has
-changed the weights (a reward function raising, a signal while sampling) leaves a checkpoint of the previous
-step, so that no finished step is lost.
+metrics.jsonl, samples.jsonl and TensorBoard (:class:`RunLog`) and shows new diagnostic warnings. It saves a
+checkpoint at the end, after every ``save_steps``-th step, and after the first step that ends
+``save_minutes`` or more after the last checkpoint (or the loop's start), so that a run killed outright
+(SIGKILL, a lost machine) loses at most that many steps or minutes: `grpo train --resume` goes on from the
+checkpoint exactly. SIGINT or SIGTERM (:class:`StopSignals`) stops the run at the next safe point with a
+checkpoint (a second signal stops it at once). A step that fails before it has changed the weights (a
+reward function raising, a signal while sampling) leaves a checkpoint of the previous step, so that no
+finished step is lost.
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ import json
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 from torch import nn
 
+from grpo.config.grpo import GRPOConfig
 from grpo.errors import RunInterrupted
 from grpo.files import write_text_atomic
 from grpo.models.checkpoint import (
@@ -226,21 +231,32 @@ class Trainer(Protocol):
     def close(self) -> None: ...
 
 
+def checkpoint_due(config: GRPOConfig, step: int, minutes_since_saved: float, ranks: Ranks) -> bool:
+    """Whether to checkpoint after ``step``, before the last (which always saves): save_steps divides it,
+    or save_minutes have passed since the last checkpoint (or the loop's start). Every rank gets the same
+    answer, though one rank's clock may pass the mark a moment before another's."""
+    by_steps = bool(config.save_steps) and step % config.save_steps == 0
+    by_time = bool(config.save_minutes) and ranks.any(minutes_since_saved >= config.save_minutes)
+    return (by_steps or by_time) and step < config.max_steps
+
+
 def run_loop(
     trainer: Trainer,
-    max_steps: int,
-    logging_steps: int,
-    save_steps: int,
+    config: GRPOConfig,
     ranks: Ranks,
     progress: Callable[[int, dict[str, float]], None] | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> list[dict[str, float]]:
-    """Run ``trainer`` until ``max_steps`` (see the module's docstring); return the logged metrics of the
-    whole run, a resumed one included."""
+    """Run ``trainer`` until ``config.max_steps`` (see the module's docstring); return the logged metrics of
+    the whole run, a resumed one included. ``clock`` (seconds) times ``save_minutes``."""
+    max_steps, logging_steps = config.max_steps, config.logging_steps
     log, signals, checkpoints = trainer.log, trainer.signals, trainer.checkpoints
     log.output_dir.mkdir(parents=True, exist_ok=True)
     if trainer.step == 0 and ranks.is_main:
         log.start_fresh()
+
+    last_saved_at = clock()
 
     def save_unless_saved(rng_state: dict | None = None, wait: bool = True) -> None:
         if trainer.step > 0 and checkpoints.saved_step != trainer.step:
@@ -280,8 +296,9 @@ def run_loop(
                 signals.number = signals.number or signal.SIGTERM  # another rank was signalled
                 trainer.save()
                 raise interrupted()
-            if save_steps and trainer.step % save_steps == 0 and trainer.step < max_steps:
+            if checkpoint_due(config, trainer.step, (clock() - last_saved_at) / 60, ranks):
                 trainer.save()
+                last_saved_at = clock()
         save_unless_saved()
     trainer.close()
     return log.logged

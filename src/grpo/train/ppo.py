@@ -8,10 +8,13 @@ policy's final hidden states, trained alongside the policy, as in TRL's former v
 2. one pass without gradients gives the old log-probs and old values, and the reference model its
    log-probs (when ``beta`` > 0);
 3. per-token rewards: −β·(log π_old − log π_ref) at every token (k1), plus the sequence reward at the
-   completion's last token;
+   completion's last token (the reward functions' weighted sum, of their z-scores within the group under
+   ``multi_objective_aggregation: normalize_then_sum``);
 4. GAE(γ, λ) turns rewards and values into per-token advantages and returns;
 5. ``num_iterations`` optimizer updates over the batch, each on the clipped policy surrogate of
-   :func:`grpo.algo.losses.policy_loss` plus ``vf_coef`` × the clipped value loss.
+   :func:`grpo.algo.losses.policy_loss` (over the ``top_entropy_quantile`` of tokens by entropy) plus
+   ``vf_coef`` × the clipped value loss (over every token);
+6. every ``ref_model_sync_steps`` steps the reference becomes the policy (iterative RL), as under GRPO.
 
 The critic shares the policy's backbone: the value loss's gradient flows through the final hidden states
 into the LoRA adapters (into every weight under full fine-tuning), so ``vf_coef`` bounds how far the critic
@@ -28,7 +31,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +40,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from grpo.algo.logprobs import masked_mean
+from grpo.algo.advantages import normalize_per_function
+from grpo.algo.logprobs import high_entropy_tokens, masked_mean
 from grpo.algo.losses import policy_loss
 from grpo.algo.value import explained_variance, gae, value_loss, whiten
 from grpo.config.grpo import GRPOConfig
 from grpo.config.loading import to_dict
 from grpo.data.prompts import Row
 from grpo.errors import CheckpointError
+from grpo.models.checkpoint import load_reference
 from grpo.models.loading import trainable_parameters
-from grpo.models.policy import PolicyAndReference
-from grpo.rewards import Reward
+from grpo.models.policy import REFERENCE_ADAPTER, PolicyAndReference
+from grpo.rewards import Reward, weighted_sum
 from grpo.rollout.backend_base import GenerationBackend
 from grpo.rollout.batch import ScoredBatch, TrajectoryBatch
 from grpo.rollout.scoring import shared_prompt_forward
@@ -68,8 +73,10 @@ def completion_logps_and_values(
     completion_ids: torch.Tensor,
     completion_mask: torch.Tensor,
     temperature: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs (B, C) of completions and the values (B, C) of the states they were drawn in.
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs (B, C) of completions, the values (B, C) of the states they were drawn in, and
+    with ``with_entropy`` the entropy (B, C) of the distribution each token was drawn from (else None).
 
     The log-probs are :func:`grpo.rollout.scoring.completion_logps`' (each distinct prompt run once, its
     key/value cache gathered for its completions); the same forward passes also return the final hidden
@@ -87,7 +94,34 @@ def completion_logps_and_values(
         output_hidden_states=True,
     )
     values = value_head(out.hidden_states.to(value_head.weight.dtype)).squeeze(-1)
-    return out.token_logps(completion_ids, temperature), values
+    if with_entropy:
+        logps, entropy = out.token_logps(completion_ids, temperature, with_entropy=True)
+        return logps, values, entropy
+    return out.token_logps(completion_ids, temperature), values, None
+
+
+def sequence_rewards(
+    batch: ScoredBatch, rewards: Sequence[Reward], aggregation: str, group_size: int
+) -> torch.Tensor:
+    """The reward (N,) PPO credits each completion with at its last token: the reward functions' weighted
+    sum, or under ``aggregation`` "normalize_then_sum" the weighted sum of each function's scores z-scored
+    within their group (see :func:`grpo.algo.advantages.normalize_per_function`), so that the functions'
+    scales do not decide their weight."""
+    if aggregation == "normalize_then_sum":
+        return weighted_sum(normalize_per_function(batch.scores, group_size), rewards)
+    return batch.rewards
+
+
+@dataclass(frozen=True)
+class UpdateTargets:
+    """What a step's updates fit, fixed before the first of them: the sampling policy's log-probs and the
+    critic's values, GAE's advantages and returns (each (N, C)), and the loss tokens of the whole batch."""
+
+    old_logps: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    tokens_in_batch: torch.Tensor
 
 
 def make_value_head(hidden_size: int, init_std: float, seed: int) -> nn.Linear:
@@ -144,6 +178,7 @@ class PPOTrainer:
         self.device = next(self.policy.parameters()).device
         self.step = 0
         self.updated_this_step = False
+        self.reference_synced = False  # the reference has been made a copy of the policy (iterative RL)
         self.last_batch: ScoredBatch | None = None
         hidden_size = self.policy.config.get_text_config().hidden_size
         self.value_head = make_value_head(hidden_size, config.value_head_init_std, config.seed).to(
@@ -163,7 +198,7 @@ class PPOTrainer:
 
     def train_step(self) -> dict[str, float]:
         """Sample groups → score → old log-probs and values → per-token rewards → GAE → μ passes of
-        micro-batched clipped policy and value updates → log."""
+        micro-batched clipped policy and value updates → sync the reference when due → log."""
         c = self.config
         started = time.perf_counter()
         self.updated_this_step = False
@@ -178,46 +213,15 @@ class PPOTrainer:
         )
         loss_mask, parts = trajectories.loss_mask, trajectories.micro_batches
         old_logps, old_values, kl = self.old_logps_values_and_kl(trajectories)
-        with torch.no_grad():
-            token_rewards = -c.beta * kl
-            lengths = loss_mask.sum(dim=1)
-            ended = (lengths > 0).nonzero().squeeze(1)
-            token_rewards[ended, lengths[ended] - 1] += batch.rewards.to(self.device)[ended]
-            advantages, returns = gae(token_rewards, old_values, loss_mask, c.gamma, c.lam)
-            if c.whiten_advantages:
-                advantages = whiten(advantages, loss_mask)
+        advantages, returns = self.advantages_and_returns(batch, old_values, kl, loss_mask)
+        targets = UpdateTargets(old_logps, old_values, advantages, returns, tokens_in_batch=loss_mask.sum())
 
-        tokens_in_batch = loss_mask.sum()
         sums: dict[str, float] = defaultdict(float)
         grad_norms = []
         self.policy.train()
         for _ in range(c.num_iterations):
             for part in parts:
-                logps, values = trajectories.logps(self.logps_and_values, part)
-                surrogate, metrics = policy_loss(
-                    logps,
-                    old_logps[part],
-                    None,
-                    advantages[part],
-                    loss_mask[part],
-                    epsilon_low=c.epsilon,
-                    epsilon_high=c.epsilon_high,
-                    beta=0.0,  # the KL penalty is in the rewards
-                    loss_type=c.loss_type,
-                    max_completion_length=c.max_completion_length,
-                    importance_sampling_level=c.importance_sampling_level,
-                    num_items_in_batch=tokens_in_batch,
-                )
-                if c.loss_type != "dapo":  # "dapo" already divides by the whole batch's token count
-                    surrogate = surrogate / len(parts)
-                critic = value_loss(
-                    values,
-                    old_values[part],
-                    returns[part],
-                    loss_mask[part],
-                    c.cliprange_value,
-                    num_items_in_batch=tokens_in_batch,
-                )
+                surrogate, critic, metrics = self.micro_batch_losses(trajectories, part, targets)
                 loss = surrogate + c.vf_coef * critic
                 loss.backward()
                 sums["loss"] += loss.item() / c.num_iterations
@@ -228,22 +232,91 @@ class PPOTrainer:
             grad_norms.append(self.apply_update(sums["loss"]))
             sums["skipped_updates"] += 0 if math.isfinite(grad_norms[-1]) else 1
         self.step += 1
+        synced = self.models.sync_reference_every(c.ref_model_sync_steps, self.step)
+        self.reference_synced |= synced
+        sums["reference_synced"] = float(synced)
         step_time = time.perf_counter() - started
         self.last_batch = batch = replace(batch, advantages=advantages.cpu())  # the advantages used
         names = [r.name for r in self.rewards]
+        graded = [r.graded for r in self.rewards]
+        learning_rate = self.update.learning_rate
         m = step_metrics(
-            self.step, batch, names, sums, grad_norms, self.update.learning_rate, generation_time, step_time
+            self.step, batch, names, sums, grad_norms, learning_rate, generation_time, step_time, graded
         )
         m["kl"] = masked_mean(kl, loss_mask).item()  # k1 of the rewards' penalty; policy_loss's has β = 0
+        # −log π of the sampled tokens, averaged: the sampling policy's entropy per token, estimated from
+        # the log-probs the step has anyway (the entropy-collapse warning reads it; NaN, not 0, without any).
+        m["entropy"] = masked_mean(-old_logps, loss_mask).item() if loss_mask.any() else math.nan
         m["value/mean"] = masked_mean(old_values, loss_mask).item()
         m["returns/mean"] = masked_mean(returns, loss_mask).item()
         m["explained_variance"] = explained_variance(old_values, returns, loss_mask)
         m["value_head/parameters"] = float(self.value_head_parameters)
         return m
 
-    def logps_and_values(self, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    @torch.no_grad()
+    def advantages_and_returns(
+        self, batch: ScoredBatch, old_values: torch.Tensor, kl: torch.Tensor, loss_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token rewards, −β·KL at every token plus the completion's reward (:func:`sequence_rewards`)
+        at its last, turned by GAE(γ, λ) into advantages (whitened under ``whiten_advantages``) and returns,
+        each (N, C)."""
+        c = self.config
+        token_rewards = -c.beta * kl
+        lengths = loss_mask.sum(dim=1)
+        ended = (lengths > 0).nonzero().squeeze(1)
+        rewards = sequence_rewards(batch, self.rewards, c.multi_objective_aggregation, c.num_generations)
+        token_rewards[ended, lengths[ended] - 1] += rewards.to(self.device)[ended]
+        advantages, returns = gae(token_rewards, old_values, loss_mask, c.gamma, c.lam)
+        if c.whiten_advantages:
+            advantages = whiten(advantages, loss_mask)
+        return advantages, returns
+
+    def micro_batch_losses(
+        self, trajectories: TrajectoryBatch, part: slice, targets: UpdateTargets
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """Micro-batch ``part``'s clipped policy loss and clipped value loss, with gradients, each its share
+        of the whole batch's; and the policy loss's statistics. Under ``top_entropy_quantile`` < 1 only the
+        tokens whose entropy is in that top quantile of the micro-batch enter the policy loss, as under GRPO;
+        the critic still fits every token's return."""
+        c = self.config
+        with_entropy = c.top_entropy_quantile < 1.0
+        logps, values, entropy = trajectories.logps(self.logps_and_values, part, with_entropy=with_entropy)
+        loss_mask = trajectories.loss_mask[part]
+        policy_mask, metrics = loss_mask, {}
+        if entropy is not None:
+            policy_mask = loss_mask * high_entropy_tokens(entropy, loss_mask, c.top_entropy_quantile)
+            metrics["entropy/mean"] = masked_mean(entropy, loss_mask).item()
+        surrogate, stats = policy_loss(
+            logps,
+            targets.old_logps[part],
+            None,
+            targets.advantages[part],
+            policy_mask,
+            epsilon_low=c.epsilon,
+            epsilon_high=c.epsilon_high,
+            beta=0.0,  # the KL penalty is in the rewards
+            loss_type=c.loss_type,
+            max_completion_length=c.max_completion_length,
+            importance_sampling_level=c.importance_sampling_level,
+            num_items_in_batch=targets.tokens_in_batch,
+        )
+        if c.loss_type != "dapo":  # "dapo" already divides by the whole batch's token count
+            surrogate = surrogate / len(trajectories.micro_batches)
+        critic = value_loss(
+            values,
+            targets.old_values[part],
+            targets.returns[part],
+            loss_mask,
+            c.cliprange_value,
+            num_items_in_batch=targets.tokens_in_batch,
+        )
+        return surrogate, critic, {**metrics, **stats}
+
+    def logps_and_values(
+        self, *args: Any, with_entropy: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """:func:`completion_logps_and_values` of the policy and its value head (the scorer's signature)."""
-        return completion_logps_and_values(self.policy, self.value_head, *args)
+        return completion_logps_and_values(self.policy, self.value_head, *args, with_entropy=with_entropy)
 
     @torch.no_grad()
     def old_logps_values_and_kl(
@@ -253,8 +326,8 @@ class PPOTrainer:
         the reference at each loss token (zeros without a reference)."""
         self.policy.eval()
         old = [trajectories.logps(self.logps_and_values, part) for part in trajectories.micro_batches]
-        old_logps = torch.cat([logps for logps, _ in old])
-        old_values = torch.cat([values for _, values in old])
+        old_logps = torch.cat([logps for logps, _, _ in old])
+        old_values = torch.cat([values for _, values, _ in old])
         kl = torch.zeros_like(old_logps)
         if self.models.needs_reference:
             kl = torch.where(
@@ -288,8 +361,7 @@ class PPOTrainer:
         self, progress: Callable[[int, dict[str, float]], None] | None = None
     ) -> list[dict[str, float]]:
         """Run until ``max_steps`` (see :func:`grpo.train.loop.run_loop`); the logged metrics of the run."""
-        c = self.config
-        return run_loop(self, c.max_steps, c.logging_steps, c.save_steps, self.ranks, progress, self.on_step)
+        return run_loop(self, self.config, self.ranks, progress, self.on_step)
 
     @property
     def backend(self) -> GenerationBackend | None:
@@ -300,15 +372,24 @@ class PPOTrainer:
 
     def save(self, rng_state: dict | None = None, wait: bool = True) -> Path:
         """A checkpoint with ``value_head.safetensors`` beside the weights, written in the same atomic
-        rename."""
-        state = {"step": self.step, "config": to_dict(self.config)}
+        rename, and a reference that iterative RL has made a copy of the policy."""
+        synced = self.models.needs_reference and (self.models.has_reference_adapter or self.reference_synced)
+        state = {"step": self.step, "config": to_dict(self.config), "reference_synced": synced}
+        # Under LoRA the reference adapter is saved with the policy's adapters (peft writes every adapter).
+        extra = (
+            {REFERENCE_ADAPTER: self.models.reference_model}
+            if synced and not self.models.uses_adapters
+            else None
+        )
         model = _PolicyAndValueHead(self.policy, self.value_head)
         optimizer, scheduler = self.update.optimizer, self.update.scheduler
-        return self.checkpoints.write(self.step, model, optimizer, scheduler, state, rng_state, wait=wait)
+        return self.checkpoints.write(
+            self.step, model, optimizer, scheduler, state, rng_state, extra, wait=wait
+        )
 
     def resume(self, checkpoint: Path) -> None:
-        """Continue from ``checkpoint`` exactly, value head included; a checkpoint without one (a GRPO
-        run's) is refused before anything is restored."""
+        """Continue from ``checkpoint`` exactly, value head and a synced reference included; a checkpoint
+        without a value head (a GRPO run's) is refused before anything is restored."""
         path = checkpoint / VALUE_HEAD_FILE
         if not path.is_file():
             raise CheckpointError(f"{checkpoint}: no {VALUE_HEAD_FILE}: not a checkpoint of a PPO run")
@@ -318,4 +399,7 @@ class PPOTrainer:
             raise CheckpointError(f"{path}: damaged or of another model ({error})") from None
         optimizer, scheduler = self.update.optimizer, self.update.scheduler
         state, rng = self.checkpoints.read(checkpoint, self.policy, optimizer, scheduler, sharded=False)
+        if state.get("reference_synced"):
+            load_reference(checkpoint, self.models)
+            self.reference_synced = True
         self.step = resume_logs(self.log, state, rng, self.ranks)

@@ -30,11 +30,12 @@ from rich.console import Console
 from torch import nn
 
 from grpo.algo.preference_losses import bradley_terry_loss
+from grpo.config.loading import to_dict
 from grpo.config.stages import RewardModelConfig
 from grpo.data.preferences import PairRow, is_builtin, load_pairs
 from grpo.data.prompts import step_batches
 from grpo.errors import DataError, ModelError
-from grpo.files import remove_leftovers, write_json_atomic, write_text_atomic
+from grpo.files import check_output_dir, remove_leftovers, write_json_atomic, write_text_atomic
 from grpo.models.loading import (
     enable_checkpointing,
     load_tokenizer,
@@ -52,10 +53,9 @@ from grpo.runs.layout import (
     FINAL_MODEL,
     METRICS_FILE,
     SUMMARY_FILE,
-    default_output_dir,
     eval_file,
 )
-from grpo.train.common import peak_memory_mb, seed_everything, step_progress
+from grpo.train.common import peak_memory_mb, seed_everything, stage_output_dir, step_progress
 from grpo.train.update import apply_update
 
 EncodedPair = tuple[list[int], list[int]]  # token ids of (prompt + chosen, prompt + rejected)
@@ -232,11 +232,7 @@ def run_reward_model(config: RewardModelConfig, console: Console) -> dict[str, A
     config.validate()
     train_rows, eval_rows = load_train_and_eval_pairs(config)
     model_path = resolve_model(config.model_name_or_path)
-    output_dir = (
-        Path(config.output_dir)
-        if config.output_dir
-        else default_output_dir("reward-model", config.dataset, fallback="pairs")
-    )
+    output_dir = stage_output_dir(config.output_dir, "reward-model", config.dataset, fallback="pairs")
     config = dataclasses.replace(config, output_dir=str(output_dir))
     seed_everything(config.seed)  # the new score head's initial weights come from torch's generator
     model, tokenizer = load_reward_backbone(config, model_path)
@@ -250,11 +246,11 @@ def run_reward_model(config: RewardModelConfig, console: Console) -> dict[str, A
     )
     train_ids, eval_ids = encode_pairs(scorer, train_rows), encode_pairs(scorer, eval_rows)
 
+    check_output_dir(output_dir)
     remove_leftovers(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     for stale in (METRICS_FILE, EVAL_BEFORE_FILE, EVAL_AFTER_FILE, SUMMARY_FILE):
         (output_dir / stale).unlink(missing_ok=True)  # an earlier run's: none may pass for this one's
-    write_text_atomic(output_dir / CONFIG_FILE, yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    write_text_atomic(output_dir / CONFIG_FILE, yaml.safe_dump(to_dict(config), sort_keys=False))
     console.print(
         f"[bold]grpo reward-model[/]: {config.model_name_or_path} on {len(train_ids)} pairs of "
         f"{config.dataset}, {len(eval_ids)} held out → {output_dir}"

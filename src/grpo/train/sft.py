@@ -16,7 +16,6 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,12 +26,13 @@ from transformers import get_scheduler
 
 from grpo.accel.lean_layers import make_lean
 from grpo.algo.logprobs import token_logps
+from grpo.config.loading import to_dict
 from grpo.config.stages import SFTConfig
 from grpo.data.prompts import step_batches
 from grpo.data.sft import IGNORE_INDEX, Example, collate, hold_out, load_sft_rows, prepare_examples
 from grpo.data.tasks import DEMONSTRATIONS
 from grpo.errors import DataError, ModelError
-from grpo.files import remove_leftovers, write_json_atomic, write_text_atomic
+from grpo.files import check_output_dir, remove_leftovers, write_json_atomic, write_text_atomic
 from grpo.models.loading import (
     enable_checkpointing,
     load_causal_lm,
@@ -43,8 +43,8 @@ from grpo.models.loading import (
     trainable_parameters,
     wrap_lora,
 )
-from grpo.runs.layout import CONFIG_FILE, FINAL_MODEL, METRICS_FILE, SUMMARY_FILE, default_output_dir
-from grpo.train.common import step_progress
+from grpo.runs.layout import CONFIG_FILE, FINAL_MODEL, METRICS_FILE, SUMMARY_FILE
+from grpo.train.common import stage_output_dir, step_progress
 from grpo.train.update import apply_update
 
 
@@ -217,20 +217,16 @@ def run_sft(config: SFTConfig, console: Console) -> dict[str, Any]:
                 "set eval_fraction to 0 or give an eval_dataset"
             )
         train_set, eval_set = hold_out(train_set, config.eval_fraction, config.seed)
+    output_dir = stage_output_dir(config.output_dir, "sft", config.dataset, fallback="data")
     torch.manual_seed(config.seed)
     model = load_model(config, model_path)
 
-    output_dir = (
-        Path(config.output_dir)
-        if config.output_dir
-        else default_output_dir("sft", config.dataset, fallback="data")
-    )
     config = dataclasses.replace(config, output_dir=str(output_dir))
+    check_output_dir(output_dir)
     remove_leftovers(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     for stale in (output_dir / METRICS_FILE, output_dir / SUMMARY_FILE):
         stale.unlink(missing_ok=True)  # an earlier run's, which this one replaces
-    write_text_atomic(output_dir / CONFIG_FILE, yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    write_text_atomic(output_dir / CONFIG_FILE, yaml.safe_dump(to_dict(config), sort_keys=False))
     steps = total_steps(config, len(train_set))
     console.print(
         f"[bold]grpo sft[/]: {config.model_name_or_path} on {config.dataset} "

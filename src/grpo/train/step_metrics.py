@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+
+import torch
 
 from grpo.algo.advantages import zero_std_group_fraction
 from grpo.rollout.batch import ScoredBatch
+
+
+def solved_share(scores: torch.Tensor, graded: Sequence[bool] | None = None) -> float:
+    """The share of completions (rows of ``scores``, one column per reward function) that get full marks,
+    1 or more, from every graded reward function: *solved*, as grpo.runs.eval counts it on held-out rows.
+    A reward that did not score a completion (NaN) does not count against it; the functions that ``graded``
+    marks False (learned scores without a full mark) count only when no function is graded."""
+    columns = [f for f, is_graded in enumerate(graded or []) if is_graded]
+    marks = scores[:, columns] if columns else scores
+    return (torch.nan_to_num(marks, nan=1.0) >= 1.0).all(dim=1).float().mean().item()
 
 
 def step_metrics(
@@ -17,8 +30,10 @@ def step_metrics(
     learning_rate: float,
     generation_time: float,
     step_time: float,
+    graded: Sequence[bool] | None = None,
 ) -> dict[str, float]:
-    """The rewards (total, and each function's mean, spread and failures), the advantages, the groups
+    """The rewards (total, and each function's mean, spread and failures), the share of completions solved
+    (see :func:`solved_share`; ``graded`` as there, all graded by default), the advantages, the groups
     without signal or taken out, completion lengths and truncation; then ``sums`` (the losses and the loss
     function's statistics, averaged over micro-batches and updates), the mean gradient norm of the applied
     updates, the learning rate, and the step's timing."""
@@ -34,6 +49,7 @@ def step_metrics(
         m[f"rewards/{name}/mean"] = present.mean().item() if len(present) else math.nan
         m[f"rewards/{name}/std"] = present.std().item() if len(present) > 1 else 0.0
         m[f"rewards/{name}/failures"] = float(batch.failures.get(name, 0))
+    m["solved"] = solved_share(batch.scores, graded)
     per_token = batch.advantages.dim() == 2
     advantages = batch.advantages[rollout.completion_mask.bool()] if per_token else batch.advantages
     m["advantage/mean"] = advantages.mean().item()
