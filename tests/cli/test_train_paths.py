@@ -233,8 +233,7 @@ def test_a_resume_before_the_first_checkpoint_starts_again_with_the_recorded_set
     assert code == 0, lines
     expected = load_file(output / "final_model" / "model.safetensors")
     metrics = comparable_metrics(output)
-    for killed_before_it in [*output.glob("checkpoint-*"), output / "final_model", output / "summary.json"]:
-        shutil.rmtree(killed_before_it) if killed_before_it.is_dir() else killed_before_it.unlink()
+    killed_before_its_first_checkpoint(output)
 
     code, lines = train(["--resume", str(output)])
     assert code == 0, lines
@@ -245,3 +244,40 @@ def test_a_resume_before_the_first_checkpoint_starts_again_with_the_recorded_set
     resumed = load_file(output / "final_model" / "model.safetensors")
     assert all((expected[name] == resumed[name]).all() for name in expected)
     assert comparable_metrics(output) == metrics
+
+
+def killed_before_its_first_checkpoint(output: Path) -> None:
+    """Leave ``output`` as a run killed before its first checkpoint leaves it: config.yaml, metrics, evals."""
+    for later in [*output.glob("checkpoint-*"), output / "final_model", output / "summary.json"]:
+        shutil.rmtree(later) if later.is_dir() else later.unlink()
+
+
+def test_a_run_without_a_checkpoint_yet_is_not_overwritten_by_a_run_with_other_settings(
+    tmp_path, tiny_model, tiny_dataset, reward_file, monkeypatch
+):
+    output = tmp_path / "run"
+    assert train(small_run(tiny_model, tiny_dataset, output, reward_file))[0] == 0
+    killed_before_its_first_checkpoint(output)
+    before = tree_hashes(output)
+    forbid_loading_the_model(monkeypatch)
+    refused(
+        small_run(tiny_model, tiny_dataset, output, reward_file, "--learning-rate", "0.5"),
+        f"{output}: holds a run with other settings and no checkpoint yet (learning_rate: 0.01 there, 0.5 "
+        "now); start it again with its own settings or choose another --output-dir",
+    )
+    assert tree_hashes(output) == before
+
+
+def test_a_reward_file_changed_before_the_first_checkpoint_is_refused_too(
+    tmp_path, tiny_model, tiny_dataset, reward_file, monkeypatch
+):
+    output = tmp_path / "run"
+    assert train(small_run(tiny_model, tiny_dataset, output, reward_file))[0] == 0
+    killed_before_its_first_checkpoint(output)
+    before = tree_hashes(output)
+    forbid_loading_the_model(monkeypatch)
+    reward_file.write_text(reward_file.read_text().replace("40", "20"))
+    for args in (["--resume", str(output)], small_run(tiny_model, tiny_dataset, output, reward_file)):
+        code, lines = train(args)
+        assert code == 2 and lines[-1].startswith(f"error: reward file {reward_file} changed"), lines
+    assert tree_hashes(output) == before

@@ -247,6 +247,11 @@ def test_a_key_pasted_into_api_key_env_is_refused_without_being_shown():
     assert KEY not in str(caught.value)
     with pytest.raises(core.RewardError, match="give api_key or api_key_env, not both"):
         core.build_rewards([{**entry, "api_key": KEY, "api_key_env": "MY_JUDGE_KEY"}])
+    # A token that happens to look like a name (hf_…, hex) is not set as a variable: it is not shown either.
+    for pasted in ("hf_aBcDeFgHiJkLmNoPqRsTuVwXyZ012345", "f3a9c27e55d1b0c4"):
+        with pytest.raises(ConfigError, match="api_key_env names a variable that is not set") as caught:
+            core.build_rewards([{**entry, "api_key_env": pasted}])
+        assert pasted not in str(caught.value)
 
 
 def test_a_reply_without_a_score_that_repeats_the_key_never_shows_it(server):

@@ -217,3 +217,8 @@ def test_a_common_setting_leaves_out_the_methods_that_would_ignore_it(tiny_model
     config = write_comparison(tmp_path / "d.yaml", tiny_model, tmp_path / "out", methods=method_own)
     code, err = run(config)
     assert code == 2 and "epsilon = 0.1 would be ignored" in err, "a method's own setting is never dropped"
+    config = write_comparison(
+        tmp_path / "e.yaml", tiny_model, tmp_path / "out", methods={"a": {}}, common=common
+    )
+    code, err = run(config)
+    assert code == 2 and "common: epsilon = 0.1 would be ignored by every train method" in err, err

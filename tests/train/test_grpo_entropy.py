@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from grpo.algo.logprobs import surprisal_sum
 from grpo.cli.main import app
-from grpo.train.grpo import GRPOTrainer, sampled_entropy
+from grpo.train.grpo import GRPOTrainer
+from grpo.train.step_metrics import sampled_entropy
 
 
 def train(tiny_model: Path, dataset: Path, output: Path, reward_file: Path, *flags: str) -> list[dict]:

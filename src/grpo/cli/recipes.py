@@ -16,7 +16,7 @@ from rich.console import Console
 
 from grpo.config.compatibility import check_processes
 from grpo.config.grpo import GRPOConfig
-from grpo.config.loading import field_defaults, to_dict
+from grpo.config.loading import field_defaults, read_yaml, to_dict
 from grpo.data.prompts import Row, load_rows, render_prompt
 from grpo.data.tasks import DEFAULT_EVAL_SPLIT, TASKS
 from grpo.errors import CheckpointError, ConfigError, DataError
@@ -131,18 +131,26 @@ def checkpoint_to_resume(config: GRPOConfig, output_dir: Path) -> Path | None:
         if not is_run_directory(asked):
             raise CheckpointError(f"{asked}: no checkpoint to resume from")
     checkpoint = latest_checkpoint(output_dir)
-    if checkpoint is None:
+    if checkpoint is not None:
+        recorded = read_trainer_state(checkpoint).get("config") or {}
+    elif is_run_directory(output_dir):  # a run that started here and has no checkpoint yet
+        recorded = read_yaml(output_dir / CONFIG_FILE)
+    else:
         return None
-    # A setting the checkpoint does not name did not exist yet: that run had its default.
-    saved = field_defaults(GRPOConfig) | (read_trainer_state(checkpoint).get("config") or {})
-    current = to_dict(config)
+    # A setting the run does not name did not exist yet: that run had its default.
+    saved, current = field_defaults(GRPOConfig) | recorded, to_dict(config)
     changed = [name for name in current if name not in RESUMABLE_CHANGES and saved.get(name) != current[name]]
     if changed:
         name = changed[0]
+        difference = f"{name}: {saved.get(name)!r} there, {current[name]!r} now"
+        if checkpoint is None:  # (starting it again with other settings would overwrite it)
+            raise ConfigError(
+                f"{output_dir}: holds a run with other settings and no checkpoint yet ({difference}); start "
+                "it again with its own settings or choose another --output-dir"
+            )
         raise ConfigError(
-            f"{output_dir}: holds {checkpoint.name} of a run with other settings ({name}: "
-            f"{saved.get(name)!r} there, {current[name]!r} now); continue it with --resume {output_dir} "
-            "(its settings, yours on top) or choose another --output-dir"
+            f"{output_dir}: holds {checkpoint.name} of a run with other settings ({difference}); continue it "
+            f"with --resume {output_dir} (its settings, yours on top) or choose another --output-dir"
         )
     return checkpoint
 
@@ -164,8 +172,9 @@ def checked_inputs(config: GRPOConfig, output_dir: Path) -> RunInputs:
     train_rows = load_rows(config.dataset, "train")
     eval_rows = eval_rows_for(config)
     resume_from = checkpoint_to_resume(config, output_dir)
-    if resume_from is not None:  # (before they are imported, so that a file that is gone is named as such)
-        check_reward_files(resume_from.parent, config.reward_funcs)
+    # The reward code a run started with is the code it goes on with, from a checkpoint or from step 0
+    # (checked before the files are imported, so that a file that is gone is named as such).
+    check_reward_files(resume_from.parent if resume_from else output_dir, config.reward_funcs)
     rewards = build_rewards(config.reward_funcs, config.reward_weights)
     check_reward_columns(train_rows, rewards, config.dataset)
     if eval_rows is not None:

@@ -143,8 +143,8 @@ ACTS_ONLY_WHEN: tuple[ActsWhen, ...] = (
     ActsWhen(
         "importance_sampling_level",
         # A sequence's ratio, exp(mean of its tokens' log-ratios), then has the gradient of its tokens' ratios
-        # summed; per-token advantages (process supervision) weigh the tokens differently.
-        lambda c: c.num_iterations > 1 or c.supervision == "process",
+        # summed; per-token advantages (process supervision, PPO's GAE) weigh the tokens differently.
+        lambda c: c.num_iterations > 1 or c.supervision == "process" or c.algorithm == "ppo",
         ONE_UPDATE + "every ratio is 1 and a sequence's ratio gives the same gradient as its tokens' ratios",
     ),
     ActsWhen(

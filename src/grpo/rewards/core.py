@@ -363,6 +363,15 @@ def _check_output(
     return checked, bad
 
 
+def solved_completions(scores: torch.Tensor, graded: Sequence[bool] | None = None) -> torch.Tensor:
+    """Per completion (a row of ``scores``, a column per reward function), whether it is *solved*: full
+    marks, 1 or more, from every graded function (``graded``, :attr:`Reward.graded`; all when none is). A
+    function that did not score a completion (NaN) does not count against it."""
+    columns = [f for f, is_graded in enumerate(graded or []) if is_graded]
+    marks = scores[:, columns] if columns else scores
+    return (torch.nan_to_num(marks, nan=1.0) >= 1.0).all(dim=1)
+
+
 def weighted_sum(scores: torch.Tensor, rewards: Sequence[Reward]) -> torch.Tensor:
     """The total reward per completion; a None (NaN) score adds nothing."""
     weights = torch.tensor([r.weight for r in rewards], dtype=scores.dtype)

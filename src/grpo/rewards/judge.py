@@ -56,6 +56,7 @@ THINKING = re.compile(r"<think>.*?</think>", re.DOTALL)  # reasoning models' scr
 MAX_WAIT = 60.0  # seconds: the longest pause before a retry, whatever the backoff or a Retry-After says
 MAX_LOCAL_SCORE = 100  # the local judge reads every score's tokens; more would be many forward passes
 ENVIRONMENT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+CONVENTIONAL_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")  # what environment variables are called
 
 
 class JudgeError(RuntimeError):
@@ -355,9 +356,11 @@ def key_from_environment(variable: Any, given_inline: bool) -> str:
         )
     key = os.environ.get(variable)
     if not key:
+        # Named only when it reads as a variable's name: a pasted key (hf_…, hex) can match the pattern too.
+        named = f"{variable}, which" if CONVENTIONAL_NAME.fullmatch(variable) else "a variable that"
         raise ConfigError(
-            f"reward 'judge': api_key_env names {variable}, which is not set in the environment; set it to "
-            "the judge's API key"
+            f"reward 'judge': api_key_env names {named} is not set in the environment; set it to the "
+            "judge's API key"
         )
     return key
 

@@ -157,6 +157,7 @@ def plan(path: str | Path) -> Plan:
     values, source = {**shared, **held_out, **common}, f"{path}: common"
     reference = load_config(None, acting(values, {}, source), source=source, base=resumed_base)
     eval_rewards, eval_environment = secrets_by_environment(reference.reward_funcs, f"{path}: common")
+    unused_common = set(common)  # the common settings that no train method's run would act on, so far
     for name, method in methods.items():
         if not isinstance(method, dict | None):
             raise ConfigError(f"{path}: methods: {name} must be a mapping of its settings")
@@ -171,13 +172,18 @@ def plan(path: str | Path) -> Plan:
             environment: dict[str, str] = {}
             if kind == "train":
                 values = {**given, **held_out, "eval_on_start": False, **common, **method}
-                config = load_config(None, acting(values, method, source), source=source, base=resumed_base)
+                values = acting(values, method, source)
+                unused_common -= values.keys()
+                config = load_config(None, values, source=source, base=resumed_base)
                 entries, environment = secrets_by_environment(config.reward_funcs, source)
                 settings = to_dict(dataclasses.replace(config, reward_funcs=entries))
             else:
                 settings = to_dict(load_settings(DPOConfig, None, {**given, **method}, source=source))
             settings = json.loads(json.dumps(settings))
             runs.append(Run(str(name), kind, seed, directory, settings, environment))
+    if unused_common and any(run.kind == "train" for run in runs):  # (silently ignored otherwise)
+        name = sorted(unused_common)[0]
+        raise ConfigError(f"{path}: common: {name} = {common[name]!r} would be ignored by every train method")
     return Plan(
         root,
         model,

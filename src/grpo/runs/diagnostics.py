@@ -86,7 +86,7 @@ KL_SETTLED = 2.0
 
 # Entropy (nats per completion token): SAMPLED_ENTROPY, logged at every step, is the mean −log π of the
 # sampled tokens, a Monte-Carlo estimate whose expectation is the entropy of the sampling distribution (at
-# its temperature; under top_p/top_k a cross-entropy a little above it: grpo.train.grpo.sampled_entropy),
+# its temperature; under top_p/top_k a cross-entropy a little above it: step_metrics.sampled_entropy),
 # averaged here over a window of thousands of tokens; EXACT_ENTROPY, logged when top_entropy_quantile < 1,
 # is read instead where present. The same thresholds hold for both: below the floor the policy samples
 # nearly the same tokens every time (near zero the estimate is exact, as every sampled token has π ≈ 1);
@@ -396,6 +396,7 @@ def held_out_scores(
 
 
 def _rows_scored(summary: dict[str, Any], records: tuple[dict, ...]) -> int:
+    """The held-out rows an evaluation file scored: its summary's count, else its per-row records'."""
     rows = summary.get("rows")
     return int(rows) if _is_score(rows) else len(records)
 

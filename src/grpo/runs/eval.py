@@ -25,6 +25,7 @@ from torch import nn
 from grpo.accel.fused import fused_decoding
 from grpo.data.prompts import Row, render_prompt
 from grpo.rewards import Reward, score_groups
+from grpo.rewards.core import solved_completions
 from grpo.rewards.math_answers import answers_equivalent, answers_match, final_answer, reference_answer
 from grpo.rollout.backend_base import GenerationBackend
 from grpo.rollout.backends import DefaultBackend
@@ -103,7 +104,7 @@ def evaluate(
     if ks[0] < 1 or ks[-1] > num_samples:
         raise ValueError(f"every k must be between 1 and num_samples = {num_samples}, got {ks}")
     greedy = num_samples == 1
-    graded = [f for f, reward in enumerate(rewards) if reward.graded]
+    graded = [reward.graded for reward in rewards]
     records: list[dict[str, Any]] = []
     all_scores = []
     for start in range(0, len(rows), max(1, batch_size // num_samples)):
@@ -123,8 +124,7 @@ def evaluate(
         )
         scores = score_groups(rewards, chunk, rollout.texts).values
         all_scores.append(scores)
-        marks = scores[:, graded] if graded else scores
-        solved = (torch.nan_to_num(marks, nan=1.0) >= 1.0).all(dim=1).view(len(chunk), num_samples)
+        solved = solved_completions(scores, graded).view(len(chunk), num_samples)
         for i, row in enumerate(chunk):
             group = slice(i * num_samples, (i + 1) * num_samples)
             answers = [final_answer(text) for text in rollout.texts[group]]

@@ -77,6 +77,7 @@ def not_a_run(path: Path) -> str:
 
 
 def file_sha256(path: Path) -> str:
+    """The sha256 of the file's bytes, in hex."""
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 

@@ -37,7 +37,7 @@ from grpo.train import sharding
 from grpo.train.distributed import Ranks, sum_gradients_
 from grpo.train.loop import StopNow, resume_logs, run_loop
 from grpo.train.parts import logps_without_gradients, trainer_parts
-from grpo.train.step_metrics import step_metrics
+from grpo.train.step_metrics import sampled_entropy, step_metrics
 
 
 class GRPOTrainer:
@@ -289,16 +289,6 @@ class GRPOTrainer:
             load_reference(checkpoint, self.models)
             self.reference_synced = True
         self.step = resume_logs(self.log, state, rng, self.ranks)
-
-
-def sampled_entropy(surprisal: float, loss_mask: torch.Tensor) -> float:
-    """The logged ``entropy``: the mean of −log π(token) over a step's loss tokens (``surprisal`` is their
-    sum, see :func:`grpo.algo.logprobs.surprisal_sum`), a Monte-Carlo estimate of the policy's entropy
-    per token at the sampling temperature, logged at every step at no cost. Under top_p or top_k it is the
-    cross-entropy of the truncated sampler against the policy; the exact entropy of the whole distribution
-    is logged as ``entropy/mean`` where top_entropy_quantile < 1 computes it. NaN without loss tokens."""
-    tokens = loss_mask.sum().item()
-    return surprisal / tokens if tokens else math.nan
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from grpo.algo.advantages import normalize_per_function
-from grpo.algo.logprobs import high_entropy_tokens, masked_mean
+from grpo.algo.logprobs import high_entropy_tokens, masked_mean, surprisal_sum
 from grpo.algo.losses import policy_loss
 from grpo.algo.value import explained_variance, gae, value_loss, whiten
 from grpo.config.grpo import GRPOConfig
@@ -58,7 +58,7 @@ from grpo.rollout.scoring import shared_prompt_forward
 from grpo.train.distributed import Ranks
 from grpo.train.loop import StopNow, resume_logs, run_loop
 from grpo.train.parts import logps_without_gradients, trainer_parts
-from grpo.train.step_metrics import step_metrics
+from grpo.train.step_metrics import sampled_entropy, step_metrics
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -244,9 +244,7 @@ class PPOTrainer:
             self.step, batch, names, sums, grad_norms, learning_rate, generation_time, step_time, graded
         )
         m["kl"] = masked_mean(kl, loss_mask).item()  # k1 of the rewards' penalty; policy_loss's has β = 0
-        # −log π of the sampled tokens, averaged: the sampling policy's entropy per token, estimated from
-        # the log-probs the step has anyway (the entropy-collapse warning reads it; NaN, not 0, without any).
-        m["entropy"] = masked_mean(-old_logps, loss_mask).item() if loss_mask.any() else math.nan
+        m["entropy"] = sampled_entropy(surprisal_sum(old_logps, loss_mask).item(), loss_mask)
         m["value/mean"] = masked_mean(old_values, loss_mask).item()
         m["returns/mean"] = masked_mean(returns, loss_mask).item()
         m["explained_variance"] = explained_variance(old_values, returns, loss_mask)

@@ -254,6 +254,7 @@ def learning_signal(batch: ScoredBatch, names: list[str]) -> LearningSignal:
 
 
 def score_range(name: str, scores: torch.Tensor, failures: int) -> RewardRange:
+    """The min, max and mean of a reward's ``scores`` over the completions it scored (NaN: not scored)."""
     present = scores[~scores.isnan()]
     if not len(present):
         return RewardRange(name, math.nan, math.nan, math.nan, failures)
@@ -261,4 +262,5 @@ def score_range(name: str, scores: torch.Tensor, failures: int) -> RewardRange:
 
 
 def millions(count: int) -> str:
+    """A count for people: 4.9M from a hundred thousand on, else with thousands separators."""
     return f"{count / 1e6:.1f}M" if count >= 100_000 else f"{count:,}"

@@ -8,17 +8,14 @@ from collections.abc import Sequence
 import torch
 
 from grpo.algo.advantages import zero_std_group_fraction
+from grpo.rewards.core import solved_completions
 from grpo.rollout.batch import ScoredBatch
 
 
 def solved_share(scores: torch.Tensor, graded: Sequence[bool] | None = None) -> float:
-    """The share of completions (rows of ``scores``, one column per reward function) that get full marks,
-    1 or more, from every graded reward function: *solved*, as grpo.runs.eval counts it on held-out rows.
-    A reward that did not score a completion (NaN) does not count against it; the functions that ``graded``
-    marks False (learned scores without a full mark) count only when no function is graded."""
-    columns = [f for f, is_graded in enumerate(graded or []) if is_graded]
-    marks = scores[:, columns] if columns else scores
-    return (torch.nan_to_num(marks, nan=1.0) >= 1.0).all(dim=1).float().mean().item()
+    """The share of completions that are solved (:func:`grpo.rewards.core.solved_completions`), as
+    grpo.runs.eval counts them on held-out rows."""
+    return solved_completions(scores, graded).float().mean().item()
 
 
 def step_metrics(
@@ -70,3 +67,13 @@ def step_metrics(
     m["step_time"] = step_time
     m["tokens_per_second"] = lengths.sum().item() / step_time
     return m
+
+
+def sampled_entropy(surprisal: float, loss_mask: torch.Tensor) -> float:
+    """The logged ``entropy``: the mean of −log π(token) over a step's loss tokens (``surprisal`` is their
+    sum, see :func:`grpo.algo.logprobs.surprisal_sum`), a Monte-Carlo estimate of the policy's entropy
+    per token at the sampling temperature, logged at every step at no cost. Under top_p or top_k it is the
+    cross-entropy of the truncated sampler against the policy; the exact entropy of the whole distribution
+    is logged as ``entropy/mean`` where top_entropy_quantile < 1 computes it. NaN without loss tokens."""
+    tokens = loss_mask.sum().item()
+    return surprisal / tokens if tokens else math.nan
