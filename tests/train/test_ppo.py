@@ -275,7 +275,7 @@ def test_ppo_syncs_its_reference_every_ref_model_sync_steps_and_resumes_exactly(
         tiny_model, tiny_dataset, reward_file, tmp_path / "resumed", ref_model_sync_steps=1, **settings
     )
     resumed.resume(tmp_path / "synced" / "checkpoint-2")
-    assert resumed.reference_synced, "the checkpoint holds the synced reference"
+    assert resumed.models.reference_is_policy_copy, "the checkpoint holds the synced reference"
     # A reference restored as the base model would show in step 3's KL and rewards.
     assert without_timings(resumed.train()[-1]) == without_timings(lines[-1])
     weights = "adapter_model.safetensors" if use_lora else "model.safetensors"

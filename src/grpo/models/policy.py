@@ -49,6 +49,7 @@ class PolicyAndReference:
         # Set by grpo.accel.offload when the reference's frozen weights live in a mapped file: takes them (or
         # those among the tensors given) out of resident memory until they are next read.
         self.release_reference_weights: Callable[[Iterable[torch.Tensor] | None], None] | None = None
+        self.reference_is_policy_copy = False  # sync_reference has run (iterative RL): checkpoints hold it
 
     @property
     def has_reference_adapter(self) -> bool:
@@ -92,6 +93,13 @@ class PolicyAndReference:
         """The frozen copy under full fine-tuning (None under LoRA or without a reference)."""
         return self._reference
 
+    def reference_to_save(self) -> tuple[bool, dict[str, nn.Module] | None]:
+        """Whether a checkpoint must hold the reference (it has become a copy of the policy), and the model
+        to save for it beside the policy: the frozen copy under full fine-tuning; under LoRA none, since the
+        reference adapter is saved with the policy's adapters (peft writes every adapter)."""
+        synced = self.needs_reference and (self.has_reference_adapter or self.reference_is_policy_copy)
+        return synced, ({REFERENCE_ADAPTER: self._reference} if synced and not self.uses_adapters else None)
+
     def sync_reference_every(self, every: int, step: int) -> bool:
         """Iterative RL (``ref_model_sync_steps``): after every ``every``-th step the reference becomes the
         policy (0 = never); whether it did after ``step``."""
@@ -105,6 +113,7 @@ class PolicyAndReference:
         """From now on the reference is the policy as it is now."""
         if not self.needs_reference:
             return
+        self.reference_is_policy_copy = True
         if not self.uses_adapters:
             self._reference.load_state_dict(self.policy.state_dict())
             self.release_reference()

@@ -28,7 +28,7 @@ from grpo.config.loading import to_dict
 from grpo.data.prompts import Row
 from grpo.models.checkpoint import load_reference
 from grpo.models.loading import trainable_parameters
-from grpo.models.policy import REFERENCE_ADAPTER, PolicyAndReference
+from grpo.models.policy import PolicyAndReference
 from grpo.models.structure import is_sharded
 from grpo.rewards import Reward
 from grpo.rollout.backend_base import GenerationBackend
@@ -67,7 +67,6 @@ class GRPOTrainer:
         self.device = next(self.policy.parameters()).device
         self.step = 0
         self.updated_this_step = False
-        self.reference_synced = False  # the reference has been made a copy of the policy (iterative RL)
         self.last_batch: ScoredBatch | None = None
         trained = trainable_parameters(self.policy).values()
         parts = trainer_parts(
@@ -111,9 +110,7 @@ class GRPOTrainer:
             sums["skipped_updates"] += 0 if math.isfinite(grad_norms[-1]) else 1
         self.step += 1
         sums["entropy"] = sampled_entropy(surprisal, trajectories.loss_mask)
-        synced = self.models.sync_reference_every(c.ref_model_sync_steps, self.step)
-        self.reference_synced |= synced
-        sums["reference_synced"] = float(synced)
+        sums["reference_synced"] = float(self.models.sync_reference_every(c.ref_model_sync_steps, self.step))
         step_time = time.perf_counter() - started
         batch, sums = self.whole_step(batch, sums, loss_of.sums_over_ranks)
         return self.metrics(batch, sums, grad_norms, generation_time, step_time)
@@ -258,14 +255,8 @@ class GRPOTrainer:
     def save(self, rng_state: dict | None = None, wait: bool = True) -> Path:
         """A checkpoint of this step: weights (or adapters), optimizer, schedule, random generators, and a
         reference that iterative RL has made a copy of the policy."""
-        synced = self.models.needs_reference and (self.models.has_reference_adapter or self.reference_synced)
+        synced, extra = self.models.reference_to_save()
         state = {"step": self.step, "config": to_dict(self.config), "reference_synced": synced}
-        # Under LoRA the reference adapter is saved with the policy's adapters (peft writes every adapter).
-        extra = (
-            {REFERENCE_ADAPTER: self.models.reference_model}
-            if synced and not self.models.uses_adapters
-            else None
-        )
         gathered: dict[str, Any] = {}
         if self.sharded:  # the whole weights and optimizer state, gathered on the first rank
             if not wait:  # (a rank that failed alone cannot gather: the others are not listening)
@@ -287,7 +278,6 @@ class GRPOTrainer:
         state, rng = self.checkpoints.read(checkpoint, self.policy, optimizer, scheduler, self.sharded)
         if state.get("reference_synced"):
             load_reference(checkpoint, self.models)
-            self.reference_synced = True
         self.step = resume_logs(self.log, state, rng, self.ranks)
 
 

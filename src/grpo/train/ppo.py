@@ -50,7 +50,7 @@ from grpo.data.prompts import Row
 from grpo.errors import CheckpointError
 from grpo.models.checkpoint import load_reference
 from grpo.models.loading import trainable_parameters
-from grpo.models.policy import REFERENCE_ADAPTER, PolicyAndReference
+from grpo.models.policy import PolicyAndReference
 from grpo.rewards import Reward, weighted_sum
 from grpo.rollout.backend_base import GenerationBackend
 from grpo.rollout.batch import ScoredBatch, TrajectoryBatch
@@ -178,7 +178,6 @@ class PPOTrainer:
         self.device = next(self.policy.parameters()).device
         self.step = 0
         self.updated_this_step = False
-        self.reference_synced = False  # the reference has been made a copy of the policy (iterative RL)
         self.last_batch: ScoredBatch | None = None
         hidden_size = self.policy.config.get_text_config().hidden_size
         self.value_head = make_value_head(hidden_size, config.value_head_init_std, config.seed).to(
@@ -232,9 +231,7 @@ class PPOTrainer:
             grad_norms.append(self.apply_update(sums["loss"]))
             sums["skipped_updates"] += 0 if math.isfinite(grad_norms[-1]) else 1
         self.step += 1
-        synced = self.models.sync_reference_every(c.ref_model_sync_steps, self.step)
-        self.reference_synced |= synced
-        sums["reference_synced"] = float(synced)
+        sums["reference_synced"] = float(self.models.sync_reference_every(c.ref_model_sync_steps, self.step))
         step_time = time.perf_counter() - started
         self.last_batch = batch = replace(batch, advantages=advantages.cpu())  # the advantages used
         names = [r.name for r in self.rewards]
@@ -371,14 +368,8 @@ class PPOTrainer:
     def save(self, rng_state: dict | None = None, wait: bool = True) -> Path:
         """A checkpoint with ``value_head.safetensors`` beside the weights, written in the same atomic
         rename, and a reference that iterative RL has made a copy of the policy."""
-        synced = self.models.needs_reference and (self.models.has_reference_adapter or self.reference_synced)
+        synced, extra = self.models.reference_to_save()
         state = {"step": self.step, "config": to_dict(self.config), "reference_synced": synced}
-        # Under LoRA the reference adapter is saved with the policy's adapters (peft writes every adapter).
-        extra = (
-            {REFERENCE_ADAPTER: self.models.reference_model}
-            if synced and not self.models.uses_adapters
-            else None
-        )
         model = _PolicyAndValueHead(self.policy, self.value_head)
         optimizer, scheduler = self.update.optimizer, self.update.scheduler
         return self.checkpoints.write(
@@ -399,5 +390,4 @@ class PPOTrainer:
         state, rng = self.checkpoints.read(checkpoint, self.policy, optimizer, scheduler, sharded=False)
         if state.get("reference_synced"):
             load_reference(checkpoint, self.models)
-            self.reference_synced = True
         self.step = resume_logs(self.log, state, rng, self.ranks)
