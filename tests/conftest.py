@@ -61,6 +61,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
+@pytest.fixture(scope="session")
+def agent_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model taught one tool-calling episode (tests/agent_model.py)."""
+    from agent_model import teach_episode
+
+    return teach_episode(build_tiny_model(tmp_path_factory.mktemp("agent-model")))
+
+
 @pytest.fixture()
 def tiny_dataset(tmp_path: Path) -> Path:
     """A JSONL file of chat prompts with answers."""

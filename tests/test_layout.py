@@ -89,7 +89,9 @@ def test_the_math_imports_torch_alone():
             assert third_party <= allowed, (name, third_party - allowed)
 
 
-@pytest.mark.parametrize("lower", ["grpo.algo", "grpo.config", "grpo.data", "grpo.models", "grpo.rollout"])
+@pytest.mark.parametrize(
+    "lower", ["grpo.algo", "grpo.config", "grpo.data", "grpo.models", "grpo.rollout", "grpo.agents"]
+)
 def test_the_plain_path_never_imports_the_speed_code_or_what_is_built_on_it(lower):
     above = ("grpo.accel", "grpo.train", "grpo.runs", "grpo.cli")
     for name in MODULES:

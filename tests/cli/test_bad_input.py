@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from agent_model import ADD_TOOL
 from typer.testing import CliRunner
 
 from grpo.cli.main import app, quiet_libraries
@@ -126,6 +127,78 @@ def without_chat_template(directory: Path) -> None:
     config = json.loads((directory / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+TOOL = (
+    ADD_TOOL
+    + '''
+
+def untyped(a, b):
+    """Add.
+
+    Args:
+        a: The first number.
+        b: The second number.
+    """
+    return str(a + b)
+
+
+def undocumented(a: int) -> str:
+    return str(a)
+'''
+)
+ENVIRONMENTS = '''
+class NoReset:
+    def step(self, text):
+        return None
+
+
+class NeedsArguments:
+    def __init__(self, size):
+        self.size = size
+
+    def reset(self, **row):
+        return None
+
+
+class Clashing:
+    def reset(self, **row):
+        return None
+
+    def add(self, a: int) -> str:
+        """Also add.
+
+        Args:
+            a: A number.
+        """
+        return str(a)
+'''
+
+
+def tools(entry: str, *more: str) -> Callable[[Path, Path], list[str]]:
+    """`grpo train --tools ENTRY` with {file} standing for a file of tools (and no model to load: the
+    entry must be refused before one is)."""
+
+    def build(tmp: Path, model: Path) -> list[str]:
+        path = write(tmp / "my_tools.py", TOOL)
+        return train(tmp, tmp / "no-model-here", "--tools", entry.format(file=path, tmp=tmp), *more)
+
+    return build
+
+
+def environment(entry: str, *more: str) -> Callable[[Path, Path], list[str]]:
+    def build(tmp: Path, model: Path) -> list[str]:
+        path = write(tmp / "envs.py", ENVIRONMENTS)
+        tool = write(tmp / "my_tools.py", TOOL)
+        given = [arg.format(tools=tool) for arg in more]
+        return train(tmp, tmp / "no-model-here", "--environment", entry.format(file=path), *given)
+
+    return build
+
+
+def string_prompt_with_tools(tmp: Path, model: Path) -> list[str]:
+    plain = write(tmp / "plain.jsonl", '{"prompt": "What is 1 + 1?", "answer": "2"}\n')
+    return train(tmp, model, "--tools", f"{write(tmp / 'my_tools.py', TOOL)}:add", dataset=str(plain))
 
 
 def a_finished_run(*changed: str) -> Callable[[Path, Path], list[str]]:
@@ -551,6 +624,86 @@ CASES = [
         lambda tmp, model: ["eval", "--model", str(empty_directory(tmp / "empty"))],
         "{tmp}/empty: not a model, run or checkpoint directory (no config.json, adapter_config.json, "
         "final_model/ or checkpoint-N/)",
+    ),
+    Case(
+        "agents",
+        "a tools entry whose file is missing",
+        tools("{tmp}/gone.py:add"),
+        "tools entry '{tmp}/gone.py:add': file {tmp}/gone.py not found",
+    ),
+    Case(
+        "agents",
+        "a tools entry naming a function the file lacks",
+        tools("{file}:subtract"),
+        "tools entry '{tmp}/my_tools.py:subtract': {tmp}/my_tools.py has no function 'subtract'",
+    ),
+    Case(
+        "agents",
+        "a tools entry naming a module that is not installed",
+        tools("no_such_module:add"),
+        "tools entry 'no_such_module:add': cannot import no_such_module (No module named 'no_such_module')",
+    ),
+    Case(
+        "agents",
+        "a tool without type hints",
+        tools("{file}:untyped"),
+        "tools entry '{tmp}/my_tools.py:untyped': Argument a is missing a type hint in "
+        "function untyped (a tool needs a type hint on every argument and a Google-style "
+        "docstring describing each)",
+    ),
+    Case(
+        "agents",
+        "a tool without a docstring",
+        tools("{file}:undocumented"),
+        "tools entry '{tmp}/my_tools.py:undocumented': Cannot generate JSON schema for "
+        "undocumented because it has no docstring! (a tool needs a type hint on every "
+        "argument and a Google-style docstring describing each)",
+    ),
+    Case(
+        "agents",
+        "an environment class the file lacks",
+        environment("{file}:Missing"),
+        "environment '{tmp}/envs.py:Missing': {tmp}/envs.py has no class 'Missing'",
+    ),
+    Case(
+        "agents",
+        "an environment without reset",
+        environment("{file}:NoReset"),
+        "environment '{tmp}/envs.py:NoReset': NoReset has no reset method (reset(self, **row))",
+    ),
+    Case(
+        "agents",
+        "an environment whose constructor needs arguments",
+        environment("{file}:NeedsArguments"),
+        "environment '{tmp}/envs.py:NeedsArguments': NeedsArguments() needs size; each "
+        "trajectory's instance is made with no arguments",
+    ),
+    Case(
+        "agents",
+        "an environment method named as one of the tools",
+        environment("{file}:Clashing", "--tools", "{tools}:add"),
+        "tools entry 'Clashing.add': a tool named 'add' comes from "
+        "'{tmp}/my_tools.py:add' too; tool names must differ",
+    ),
+    Case(
+        "agents",
+        "a string prompt in a run with tools",
+        string_prompt_with_tools,
+        "{tmp}/plain.jsonl: row 1: field 'prompt' must be chat messages for a run with "
+        "tools or an environment (tool results are chat messages too)",
+    ),
+    Case(
+        "agents",
+        "max_turns without tools or an environment",
+        flags("--max-turns", "3"),
+        "max_turns = 3 would be ignored: there are no tools and no environment, so each "
+        "completion is one assistant turn",
+    ),
+    Case(
+        "agents",
+        "tools with the paged backend",
+        tools("{file}:add", "--generation-backend", "paged"),
+        "tools and environment run multi-turn episodes, which generation_backend 'paged' cannot",
     ),
 ]
 

@@ -151,6 +151,8 @@ CASES = [
     ("eval_steps", {**FILE, "eval_steps": 5}, {"eval_steps": 5}),
     ("eval_steps", {"max_steps": 5, "eval_steps": 5}, {"max_steps": 6, "eval_steps": 5}),
     ("eval_check_samples", {**FILE, "eval_check_samples": 10}, {"eval_check_samples": 10}),
+    ("max_turns", {"max_turns": 2}, {"max_turns": 2, "tools": ["tools.py:add"]}),
+    ("tool_timeout", {"tool_timeout": 1.0}, {"tool_timeout": 1.0, "environment": "game.py:Game"}),
     ("eval_check_samples", {"eval_steps": 0, "eval_check_samples": 10}, {"eval_check_samples": 10}),
     (
         "warmup_steps",
@@ -333,3 +335,13 @@ def test_the_constant_schedule_has_no_warm_up():
 def test_the_ppo_settings_are_the_fields_documented_as_ppo_s():
     documented = {name for name, doc in field_docs(GRPOConfig).items() if doc.startswith("PPO:")}
     assert set(PPO_SETTINGS) == documented
+
+
+def test_an_agent_tasks_settings_name_the_data_codes_tools():
+    from grpo.config.grpo import TASK_SETTINGS
+    from grpo.data.agent_tasks import CALCULATOR_TOOLS
+
+    assert TASK_SETTINGS["calculator"]["tools"] == CALCULATOR_TOOLS
+    config = load_config(None, {"dataset": "calculator"})
+    assert config.tools == CALCULATOR_TOOLS and config.max_completion_length == 96
+    assert load_config(None, {"dataset": "calculator", "tools": "my.py:f"}).tools == ["my.py:f"]

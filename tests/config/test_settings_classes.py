@@ -29,16 +29,19 @@ GROUPS = [groups.ModelSettings, groups.LoRASettings, groups.LoRALayerSettings, g
 FIELD_NAMES = {
     GRPOConfig: (
         "accel adam_beta1 adam_beta2 algorithm beta cliprange_value dataset dtype dynamic_sampling "
+        "environment "
         "epsilon epsilon_high eval_check_samples eval_dataset eval_max_samples eval_on_start eval_steps "
         "fsdp fused_inference gamma generation_backend generation_batch_size gradient_accumulation_steps "
         "gradient_checkpointing importance_sampling_level lam learning_rate log_completions logging_steps "
         "lora_alpha lora_dropout lora_r lora_target_modules loss_type lr_scheduler_type "
         "mask_truncated_completions max_completion_length max_grad_norm max_nonfinite_updates "
-        "max_prompt_length max_sampling_rounds max_steps model_name_or_path multi_objective_aggregation "
+        "max_prompt_length max_sampling_rounds max_steps max_turns model_name_or_path "
+        "multi_objective_aggregation "
         "num_generations num_iterations num_threads offload_reference onednn_linear output_dir "
         "per_device_train_batch_size ref_model_sync_steps release_memory report_to resume_from_checkpoint "
         "reward_failure reward_funcs reward_timeout reward_weights save_minutes save_steps "
         "save_total_limit scale_rewards seed shuffle_dataset softmax_temperature step_delimiter "
+        "tool_timeout tools "
         "step_regex supervision temperature top_entropy_quantile top_k top_p use_lora value_head_init_std "
         "vf_coef vllm_gpu_memory_utilization warmup_steps weight_decay whiten_advantages"
     ),

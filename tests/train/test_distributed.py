@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from agent_model import write_tool
 from safetensors.torch import load_file
 
 from grpo.train.distributed import Ranks, group_seeds
@@ -168,3 +169,49 @@ def test_fsdp_needs_several_processes(tmp_path: Path, run_args: list[str]):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: fsdp: shards the model across processes")
     assert not output.exists()
+
+
+ECHO = '''
+class Echo:
+    """Answers an assistant turn once, then ends the episode; its shout() is a tool."""
+
+    def reset(self, **row):
+        self.turns = 0
+
+    def step(self, text):
+        self.turns += 1
+        return "Say it again." if self.turns == 1 else None
+
+    def shout(self, text: str) -> str:
+        """Shout.
+
+        Args:
+            text: What to shout.
+        """
+        return text.upper()
+'''
+
+
+def test_two_processes_train_multi_turn_episodes_as_one(
+    tmp_path: Path, run_args: list[str], agent_model: Path
+):
+    """An environment that answers each episode's first turn, and tools: one process and two alike."""
+    (tmp_path / "echo.py").write_text(ECHO)
+    write_tool(tmp_path)
+    model_at = run_args.index("--model") + 1
+    agent_args = [*run_args[:model_at], str(agent_model), *run_args[model_at + 1 :]]
+    agent_args += [
+        "--environment",
+        f"{tmp_path / 'echo.py'}:Echo",
+        "--tools",
+        f"{tmp_path / 'my_tools.py'}:add",
+    ]
+    agent_args += ["--max-completion-length", "48", "--max-turns", "3", "--max-prompt-length", "1024"]
+    launch(1, tmp_path / "one", [*agent_args, *ONE_PROCESS, "--max-steps", "2"])
+    launch(2, tmp_path / "two", [*agent_args, *PER_RANK_OF_TWO, "--max-steps", "2"])
+    assert_same_training(tmp_path / "one", tmp_path / "two", steps=2)
+    for m1, m2 in zip(logged(tmp_path / "one"), logged(tmp_path / "two")):
+        assert {k: v for k, v in m1.items() if k.startswith("episodes/")} == {
+            k: v for k, v in m2.items() if k.startswith("episodes/")
+        }
+        assert m1["episodes/turns_max"] >= 2

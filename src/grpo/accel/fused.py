@@ -351,5 +351,5 @@ class FusedSteps:
         self.cache = self.cache.compacted(rows)
 
     def step(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = self.decoder.forward(tokens.unsqueeze(1), positions, mask.bool(), self.cache)
+        hidden = self.decoder.forward(tokens, positions, mask.bool(), self.cache)
         return self.decoder.logits(hidden[:, -1])

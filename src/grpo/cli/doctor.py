@@ -88,7 +88,9 @@ def measure_a_step(config: GRPOConfig, inputs: RunInputs, console: Console) -> t
     seed_everything(config.seed)  # as train does: the same adapters, so the run's own first groups
     models, tokenizer = load_policy(config, inputs.model_path)
     models.to(Ranks().device)
-    check_prompts(inputs.train_rows, tokenizer, config.max_prompt_length, config.dataset, inputs.model_path)
+    check_prompts(
+        inputs.train_rows, tokenizer, config.max_prompt_length, config.dataset, inputs.model_path, config
+    )
     trainer_class = PPOTrainer if config.algorithm == "ppo" else GRPOTrainer
     with tempfile.TemporaryDirectory(prefix="grpo-doctor-") as scratch:
         trainer = trainer_class(

@@ -262,7 +262,9 @@ def evaluate_command(
     max_completion_length: Annotated[
         int | None,
         typer.Option(
-            help="Longest completion, in tokens (default: 256 on gsm8k, else 32).", show_default=False
+            help="Longest completion, in tokens (default: 256 on gsm8k; with tools or an environment, the "
+            "run's or task's, else 256 for a whole trajectory; else 32).",
+            show_default=False,
         ),
     ] = None,
     max_samples: Annotated[int, typer.Option(help="Score at most this many rows (0 = all).")] = 0,
@@ -274,10 +276,40 @@ def evaluate_command(
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 42,
+    tools: Annotated[
+        str | None,
+        typer.Option(
+            help="Tools for multi-turn episodes, comma-separated path/to/file.py:function or module:function "
+            "entries (default: the run's, the --config file's or the agent task's; \"\" for none).",
+            show_default=False,
+        ),
+    ] = None,
+    environment: Annotated[
+        str | None,
+        typer.Option(
+            help="An environment class for multi-turn episodes, path/to/file.py:Class or module:Class "
+            "(default: the run's, the --config file's or the agent task's; none for none).",
+            show_default=False,
+        ),
+    ] = None,
+    max_turns: Annotated[
+        int | None,
+        typer.Option(
+            help="Assistant turns an episode may take (default: the run's or task's, else 4).",
+            show_default=False,
+        ),
+    ] = None,
+    tool_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds a tool call may take, 0 for no limit (default: the run's or task's, else 10).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Score a model on a dataset with reward functions: solved rate, per-function means, pass@k, maj@k."""
-    from grpo.cli.evaluate import run_eval
-    from grpo.data.tasks import COMPLETION_LENGTHS
+    """Score a model on a dataset with reward functions: solved rate, per-function means, pass@k, maj@k;
+    with tools or an environment, on multi-turn episodes (turns, tool calls, well-formed calls)."""
+    from grpo.cli.evaluate import default_completion_length, eval_agent_settings, run_eval
 
     if num_samples < 1:
         raise GRPOError(f"num_samples must be at least 1, got {num_samples}")
@@ -286,17 +318,26 @@ def evaluate_command(
         raise ConfigError(f"--temperature must be positive to draw {num_samples} samples, got {temperature}")
     if not 0 < top_p <= 1:
         raise ConfigError(f"--top-p must be above 0 and at most 1, got {top_p}")
-    if max_completion_length is None:
-        max_completion_length = COMPLETION_LENGTHS.get(dataset, 32)
-    if max_completion_length < 1:
-        raise ConfigError(f"--max-completion-length must be at least 1, got {max_completion_length}")
     rewards: list[Any] = ["accuracy", "format"]
-    weights = None
+    weights, config = None, None
     if config_file is not None:
         config = load_config(config_file, base=resumed_base)
         rewards, weights = config.reward_funcs, config.reward_weights
     if reward_funcs is not None:
         rewards, weights = reward_funcs.split(","), None
+    agent = eval_agent_settings(
+        model,
+        dataset,
+        config,
+        tools=tools,
+        environment=environment,
+        max_turns=max_turns,
+        tool_timeout=tool_timeout,
+    )
+    if max_completion_length is None:
+        max_completion_length = default_completion_length(dataset, agent)
+    if max_completion_length < 1:
+        raise ConfigError(f"--max-completion-length must be at least 1, got {max_completion_length}")
     summary = run_eval(
         model,
         dataset,
@@ -311,6 +352,7 @@ def evaluate_command(
         max_samples=max_samples,
         output=output,
         seed=seed,
+        agent=agent,
     )
     if output is not None:
         console.print(f"results: {output}")

@@ -14,6 +14,7 @@ import torch
 import yaml
 from rich.console import Console
 
+from grpo.agents.rollout import Agent, check_agent_inputs
 from grpo.config.compatibility import check_processes
 from grpo.config.grpo import GRPOConfig
 from grpo.config.loading import field_defaults, read_yaml, to_dict
@@ -80,11 +81,15 @@ def check_reward_columns(rows: list[Row], rewards: list[Reward], where: str) -> 
                     )
 
 
-def check_prompts(rows: list[Row], tokenizer: Any, limit: int, where: str, model: str) -> None:
-    """Every prompt renders with this tokenizer and fits in ``limit`` tokens; else name the row."""
+def check_prompts(
+    rows: list[Row], tokenizer: Any, limit: int, where: str, model: str, config: GRPOConfig | None = None
+) -> None:
+    """Every prompt renders with this tokenizer and fits in ``limit`` tokens; else name the row. With a
+    ``config`` that has tools or an environment, the prompts are rendered as its episodes start."""
+    agent = None if config is None else Agent.of_run(config, tokenizer)
     for number, row in enumerate(rows, start=1):
         try:
-            text = render_prompt(row["prompt"], tokenizer)
+            text = agent.prompt_text(row) if agent else render_prompt(row["prompt"], tokenizer)
         except DataError as error:
             raise DataError(f"{where}: row {number}: {error} ({model})") from None
         length = len(tokenizer(text, add_special_tokens=False).input_ids)
@@ -166,6 +171,11 @@ class RunInputs:
     resume_from: Path | None  # the checkpoint the run continues from
 
 
+def code_entries(config: GRPOConfig) -> list[Any]:
+    """The entries whose code decides what a run optimises: its rewards, tools and environment."""
+    return [*config.reward_funcs, *config.tools, *([config.environment] if config.environment else [])]
+
+
 def checked_inputs(config: GRPOConfig, output_dir: Path) -> RunInputs:
     """The run's rows, rewards, model and checkpoint, everything that can be wrong with the input checked
     before anything is written or the model loads (`grpo train` and `grpo doctor`); a GRPOError names it."""
@@ -174,7 +184,10 @@ def checked_inputs(config: GRPOConfig, output_dir: Path) -> RunInputs:
     resume_from = checkpoint_to_resume(config, output_dir)
     # The reward code a run started with is the code it goes on with, from a checkpoint or from step 0
     # (checked before the files are imported, so that a file that is gone is named as such).
-    check_reward_files(resume_from.parent if resume_from else output_dir, config.reward_funcs)
+    check_reward_files(resume_from.parent if resume_from else output_dir, code_entries(config))
+    if config.acts:
+        datasets = [(config.dataset, train_rows), (config.eval_dataset or config.dataset, eval_rows or [])]
+        check_agent_inputs(config.tools, config.environment, datasets)
     rewards = build_rewards(config.reward_funcs, config.reward_weights)
     check_reward_columns(train_rows, rewards, config.dataset)
     if eval_rows is not None:
@@ -215,7 +228,7 @@ def _run_training(config: GRPOConfig, console: Console, ranks: distributed.Ranks
 
     models, tokenizer = load_policy(config, model_path)
     models.to(ranks.device)
-    check_prompts(train_rows, tokenizer, config.max_prompt_length, config.dataset, model_path)
+    check_prompts(train_rows, tokenizer, config.max_prompt_length, config.dataset, model_path, config)
     policy = models.policy
     ranks.broadcast_(p for p in policy.parameters() if p.requires_grad)  # one initialisation for all
     eval_backend = None
@@ -236,7 +249,7 @@ def _run_training(config: GRPOConfig, console: Console, ranks: distributed.Ranks
             stale.unlink(missing_ok=True)  # files of an earlier attempt that never reached a checkpoint
     if ranks.is_main:
         write_text_atomic(output_dir / CONFIG_FILE, yaml.safe_dump(to_dict(config), sort_keys=False))
-        record_reward_files(output_dir, reward_code_files(config.reward_funcs))  # as checked, if resumed
+        record_reward_files(output_dir, reward_code_files(code_entries(config)))  # as checked, if resumed
     ranks.barrier()
     if resume_from is None and config.resume_from_checkpoint:
         console.print(
@@ -251,6 +264,8 @@ def _run_training(config: GRPOConfig, console: Console, ranks: distributed.Ranks
             f"= {ranks.world_size * config.prompts_per_step} prompts × {config.num_generations} completions"
         )
 
+    eval_agent = Agent.of_run(config, tokenizer)
+
     def held_out(tag: str, limit: int = 0) -> dict[str, float] | None:
         # Every rank evaluates (greedy, so alike), the first one writes. ``limit``: the first rows only.
         if eval_rows is None:
@@ -263,6 +278,7 @@ def _run_training(config: GRPOConfig, console: Console, ranks: distributed.Ranks
             max_completion_length=config.max_completion_length,
             max_prompt_length=config.max_prompt_length,
             backend=eval_backend,
+            agent=eval_agent,
         )
         if ranks.is_main:
             write_json_atomic(output_dir / eval_file(tag), {"summary": summary, "rows": records})

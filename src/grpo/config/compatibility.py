@@ -44,7 +44,7 @@ PPO_SETTINGS = ("gamma", "lam", "vf_coef", "cliprange_value", "whiten_advantages
 
 # The built-in tasks (grpo.data.tasks), which have their own held-out split. Named here so that the settings
 # need nothing of the data code; a test keeps the two the same.
-BUILTIN_TASKS = ("arithmetic", "gsm8k")
+BUILTIN_TASKS = ("arithmetic", "gsm8k", "calculator")
 
 
 def has_held_out(config: GRPOConfig) -> bool:
@@ -53,6 +53,7 @@ def has_held_out(config: GRPOConfig) -> bool:
 
 
 NO_LORA = "use_lora is off, so the whole model trains, without adapters"
+NO_AGENT = "there are no tools and no environment, so each completion is one assistant turn"
 NO_ACCEL = "accel is off, which runs plain PyTorch and transformers"
 NO_HELD_OUT = (
     "there are no held-out rows to score (dataset {dataset!r} is not a built-in task; set eval_dataset)"
@@ -62,6 +63,7 @@ ONE_UPDATE = "with num_iterations 1 each batch gets one update, from the policy 
 ACTS_ONLY_WHEN: tuple[ActsWhen, ...] = (
     # --- the model and the speed code ---
     *(ActsWhen(name, lambda c: c.use_lora, NO_LORA) for name in LORA_SETTINGS),
+    *(ActsWhen(name, lambda c: c.acts, NO_AGENT) for name in ("max_turns", "tool_timeout")),
     ActsWhen("release_memory", lambda c: c.accel, NO_ACCEL),
     ActsWhen("offload_reference", lambda c: c.accel, NO_ACCEL),
     ActsWhen("offload_reference", lambda c: c.beta != 0, "beta is 0, so there is no reference model"),
@@ -214,6 +216,8 @@ ACTS_ALWAYS = frozenset(
         "top_k",
         "mask_truncated_completions",
         "generation_backend",
+        "tools",
+        "environment",
         "per_device_train_batch_size",
         "gradient_accumulation_steps",
         "dynamic_sampling",

@@ -15,7 +15,16 @@ from dataclasses import dataclass, field
 from grpo.config.checks import LR_SCHEDULERS, check_fields, module_available
 from grpo.config.compatibility import check_settings_act
 from grpo.config.groups import DTYPES, LoRALayerSettings, ModelSettings, OptimizerSettings
-from grpo.config.values import Boolean, Integer, Maybe, Number, NumberList, RewardList, Text
+from grpo.config.values import (
+    Boolean,
+    Integer,
+    Maybe,
+    Number,
+    NumberList,
+    RewardList,
+    Text,
+    TextList,
+)
 from grpo.errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -109,6 +118,26 @@ class GRPOConfig(OptimizerSettings, LoRALayerSettings, ModelSettings):
     vllm_gpu_memory_utilization: Number = 0.3
     """generation_backend "vllm": the share of the GPU's memory the engine takes for its weights and its
     key/value cache; the rest is left to training."""
+
+    # --- agents: multi-turn episodes (docs/agents.md) -----------------------------------------------------
+    tools: TextList = field(default_factory=list)
+    """Tools the model may call, over several turns: "path/to/file.py:function" or "module:function" entries,
+    plain Python functions with a type hint on every argument and a Google-style docstring, returning a
+    string (their JSON schemas are transformers' get_json_schema). The chat template shows them where it
+    can; otherwise the system message does, with the call format grpo reads. A call's result comes back
+    as a "tool" message and the model goes on, until it answers without a call or max_turns."""
+    environment: Maybe[Text] = None
+    """An environment class, "path/to/file.py:Class" or "module:Class": one instance per trajectory, made
+    without arguments. reset(**row) gets the dataset row's columns and may return a first observation
+    (text); its public methods are tools; an optional step(text) answers every assistant turn without a
+    call with the next user message (None ends the episode). Reward functions get the instances as
+    environments=."""
+    max_turns: Integer = 4
+    """With tools or an environment: the assistant turns an episode may take. One still calling tools (or
+    answered by its environment) after them stops there, counted in the step's stopped_at_max_turns."""
+    tool_timeout: Number = 10.0
+    """Seconds a tool call may take; one that overruns (or raises, or returns something other than a
+    string) becomes an error message the model reads, counted in tool_errors. 0: no limit."""
 
     # --- batch -------------------------------------------------------------------------------------------
     per_device_train_batch_size: Integer = 16
@@ -282,6 +311,11 @@ class GRPOConfig(OptimizerSettings, LoRALayerSettings, ModelSettings):
     def prompts_per_step(self) -> int:
         return self.generation_batch // self.num_generations
 
+    @property
+    def acts(self) -> bool:
+        """Whether episodes are multi-turn: the model has tools or an environment."""
+        return bool(self.tools) or self.environment is not None
+
     def validate(self) -> None:
         """Raise ConfigError naming the first field whose value cannot work."""
         check_fields(
@@ -298,6 +332,7 @@ class GRPOConfig(OptimizerSettings, LoRALayerSettings, ModelSettings):
                 "max_prompt_length",
                 "max_nonfinite_updates",
                 "max_sampling_rounds",
+                "max_turns",
             ),
             non_negative=(
                 "beta",
@@ -319,6 +354,7 @@ class GRPOConfig(OptimizerSettings, LoRALayerSettings, ModelSettings):
                 "cliprange_value",
                 "value_head_init_std",
                 "log_completions",
+                "tool_timeout",
             ),
             choices={
                 "loss_type": ("grpo", "bnpo", "dr_grpo", "dapo"),
@@ -403,7 +439,32 @@ class GRPOConfig(OptimizerSettings, LoRALayerSettings, ModelSettings):
                 f"reward_weights has {len(self.reward_weights)} values "
                 f"for {len(self.reward_funcs)} reward_funcs"
             )
+        if self.acts:
+            refused = [
+                (self.generation_backend != "default", f"generation_backend {self.generation_backend!r}"),
+                (self.supervision == "process", "supervision 'process'"),
+                (self.algorithm == "ppo", "algorithm ppo (its values would span tokens it did not write)"),
+            ]
+            for present, what in refused:
+                if present:
+                    raise ConfigError(f"tools and environment run multi-turn episodes, which {what} cannot")
         check_settings_act(self)  # last: every value is possible; now, does each act in this run?
+
+
+# The settings a built-in task brings, under those a user gives (grpo.config.loading.load_config): an agent
+# task its tools and room for its turns. Spec strings, so that the settings import nothing of the task code.
+TASK_SETTINGS: dict[str, dict[str, object]] = {
+    # (grpo.data.agent_tasks: an episode that calls one tool and answers takes about 60 tokens)
+    # (an expression in the answer tags scores under math-verify: the task's own exact_answer instead)
+    "calculator": {
+        "tools": ["grpo.data.agent_tasks:add", "grpo.data.agent_tasks:multiply"],
+        "reward_funcs": ["grpo.data.agent_tasks:exact_answer", "format"],
+        "max_completion_length": 96,
+        "max_steps": 12,
+        "eval_max_samples": 100,
+        "eval_steps": 0,
+    },
+}
 
 
 # Short flags that TRL users and the README use; each maps onto a field.

@@ -26,7 +26,7 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 from pydantic_core import ErrorDetails
 
-from grpo.config.grpo import ALIASES, GRPOConfig
+from grpo.config.grpo import ALIASES, TASK_SETTINGS, GRPOConfig
 from grpo.config.stages import STAGE_ALIASES
 from grpo.config.values import TYPE_WORDS
 from grpo.errors import ConfigError
@@ -202,6 +202,8 @@ def load_config(
     values = merge_layers(GRPOConfig, config_file, overrides, ALIASES, source)
     if base is not None:
         values = {**base(values), **values}
+    dataset = values.get("dataset", field_defaults(GRPOConfig)["dataset"])
+    values = {**convert(GRPOConfig, TASK_SETTINGS.get(dataset, {}), f"task {dataset}", ALIASES), **values}
     config = GRPOConfig(**values)
     validate_from(config, source)
     return config

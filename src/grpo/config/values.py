@@ -85,7 +85,7 @@ def _none_word(value: Any) -> Any:
 def _comma_list(value: Any) -> Any:
     if value is None or isinstance(value, list):
         return value
-    return [item for item in str(value).split(",") if item.strip()]
+    return [item.strip() for item in str(value).split(",") if item.strip()]
 
 
 def _reward_entry(value: Any) -> Any:
@@ -110,6 +110,7 @@ Number = Annotated[float, BeforeValidator(_number)]
 Boolean = Annotated[bool, BeforeValidator(_boolean)]
 Text = Annotated[str, BeforeValidator(_text)]
 NumberList = Annotated[list[Number], BeforeValidator(_comma_list)]
+TextList = Annotated[list[Text], BeforeValidator(_comma_list)]
 RewardEntry = Annotated[str | dict[str, Any], BeforeValidator(_reward_entry)]
 RewardList = Annotated[list[RewardEntry], BeforeValidator(_comma_list)]
 

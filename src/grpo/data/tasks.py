@@ -1,7 +1,8 @@
 """Built-in tasks: verifiable prompt sets with a train split and a disjoint held-out ("test") split.
 
 "arithmetic" is the default task, generated; "gsm8k" is GSM8K's word problems, shipped with the package and
-read only when asked for.
+read only when asked for; "calculator" is an agent task (grpo.data.agent_tasks), whose tools and rewards a
+run gets from grpo.config.grpo.TASK_SETTINGS.
 
 "arithmetic" asks small additions; the answer must come inside ``<answer></answer>`` tags. The prompt shows
 the format once, in a worked example turn. Without any example SmolLM2-135M-Instruct never uses the tags
@@ -21,6 +22,7 @@ from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
+from grpo.data.agent_tasks import calculator
 from grpo.errors import DataError
 
 ARITHMETIC_SYSTEM = "Solve the sum, then give the final number inside <answer></answer> tags."
@@ -181,7 +183,7 @@ def gsm8k_demonstrations(split: str) -> list[dict[str, Any]]:
 Split = Callable[[str], list[dict[str, Any]]]
 
 
-TASKS: dict[str, Split] = {"arithmetic": arithmetic, "gsm8k": gsm8k}
+TASKS: dict[str, Split] = {"arithmetic": arithmetic, "gsm8k": gsm8k, "calculator": calculator}
 
 
 # The same tasks as `grpo sft` rows (prompt + completion) and as preference pairs (prompt, chosen, rejected).
@@ -197,4 +199,6 @@ DEFAULT_EVAL_SPLIT = "test"
 # Room for each task's answers, in tokens: `grpo eval`'s default max_completion_length on the task (32 else).
 # GSM8K's reference solutions in the asked layout take 92 tokens (median), 234 at the 99th percentile, in
 # SmolLM2's tokenizer; its prompts at most 316 (under grpo train's max_prompt_length of 512).
-COMPLETION_LENGTHS: dict[str, int] = {"arithmetic": 32, "gsm8k": 256}
+# A calculator episode that calls one tool and answers takes 58–62 tokens after its prompt (both turns and the
+# tool's message between them; its prompts take 430–432 with the tools block): 96 leaves room for a retry.
+COMPLETION_LENGTHS: dict[str, int] = {"arithmetic": 32, "gsm8k": 256, "calculator": 96}

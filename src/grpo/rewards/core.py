@@ -26,13 +26,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import importlib
-import importlib.util
 import inspect
 import math
 import numbers
-import site
-import sys
-import sysconfig
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +38,8 @@ import torch
 
 from grpo.data.prompts import Row, reward_columns
 from grpo.errors import RewardError
+from grpo.user_code import is_user_code as is_user_code  # (re-exported: callers import it from here)
+from grpo.user_code import load_object, user_code_file
 
 RewardFunc = Callable[..., Any]
 RewardSpec = str | Mapping[str, Any]
@@ -68,7 +66,10 @@ def completion_text(completion: Any) -> str:
     if isinstance(completion, str):
         return completion
     if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
-        return str(completion[-1].get("content", ""))
+        # A multi-turn trajectory's answer is its last assistant message (tool and user turns follow calls);
+        # a trajectory cut before the model's first turn has none.
+        said = [m for m in completion if isinstance(m, dict) and m.get("role") == "assistant"]
+        return str(said[-1].get("content", "")) if said else ""
     raise RewardError(
         f"a completion must be a string or a list of chat messages, got {type(completion).__name__}"
     )
@@ -117,26 +118,9 @@ def load_reward_func(spec: str) -> RewardFunc:
             f"unknown reward function {spec!r}: use a built-in ({', '.join(BUILTIN_KINDS)}), "
             "'module:function' or 'path/to/file.py:function'"
         )
-    target, name = spec.rsplit(":", 1)
-    if target.endswith(".py"):
-        path = Path(target)
-        if not path.is_file():
-            raise RewardError(f"reward function {spec!r}: file {path} not found")
-        module_name = f"grpo_user_reward_{abs(hash(path.resolve()))}"
-        module_spec = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[module_name] = module
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception as error:
-            raise RewardError(f"reward function {spec!r}: importing {path} failed: {error}") from None
-    else:
-        try:
-            module = importlib.import_module(target)
-        except Exception as error:  # a missing module, or one whose own code fails on import
-            raise RewardError(f"reward function {spec!r}: cannot import {target} ({error})") from None
-    func = getattr(module, name, None)
+    func = load_object(spec, what="reward function", error=RewardError, kind="function")
     if not callable(func):
+        target, name = spec.rsplit(":", 1)
         raise RewardError(f"reward function {spec!r}: {target} has no function {name!r}")
     return func
 
@@ -205,24 +189,10 @@ def reward_code_files(specs: Sequence[RewardSpec]) -> dict[str, Path]:
         kind = spec.get("name") if isinstance(spec, Mapping) else spec
         if not isinstance(kind, str) or kind in BUILTIN_KINDS or ":" not in kind:
             continue
-        target = kind.rsplit(":", 1)[0]
-        if target.endswith(".py"):
-            files[kind] = Path(target)
-            continue
-        origin = getattr(importlib.import_module(target), "__file__", None)
-        if origin is not None and is_user_code(Path(origin)):
-            files[kind] = Path(origin)
+        path = user_code_file(kind)
+        if path is not None:
+            files[kind] = path
     return files
-
-
-def is_user_code(path: Path) -> bool:
-    """Whether ``path`` lies outside Python's own library, every site-packages directory and grpo: a file
-    that the user may edit between a run's start and its resumption."""
-    paths = sysconfig.get_paths()
-    installed = [paths[name] for name in ("stdlib", "platstdlib", "purelib", "platlib")]
-    installed += [*site.getsitepackages(), site.getusersitepackages()]
-    roots = [Path(__file__).resolve().parents[1], *(Path(directory).resolve() for directory in installed)]
-    return not any(path.resolve().is_relative_to(root) for root in roots)
 
 
 # --- calling and checking ----------------------------------------------------------------------------------
@@ -322,12 +292,20 @@ def groups_of(rows: torch.Tensor, group_size: int) -> torch.Tensor:
     return rows.view(-1, group_size).any(dim=1).repeat_interleave(group_size)
 
 
-def score_groups(rewards: Sequence[Reward], rows: Sequence[Row], texts: list[str], **options: Any) -> Scores:
+def score_groups(
+    rewards: Sequence[Reward],
+    rows: Sequence[Row],
+    texts: list[str],
+    completions: list | None = None,
+    **options: Any,
+) -> Scores:
     """Scores of ``len(texts) // len(rows)`` consecutive completions per row: each row's prompt and columns
     repeated for its completions, and completions shaped as TRL passes them — chat messages for chat
-    prompts, strings for string prompts. ``options`` go to :func:`score`."""
+    prompts, strings for string prompts — unless ``completions`` gives them (a multi-turn trajectory's
+    messages). ``options`` go to :func:`score` (and what it does not take, such as ``environments``, to the
+    functions)."""
     per_row = len(texts) // len(rows)
-    completions = [
+    completions = completions or [
         [{"role": "assistant", "content": text}] if isinstance(rows[i // per_row]["prompt"], list) else text
         for i, text in enumerate(texts)
     ]

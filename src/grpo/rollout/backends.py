@@ -18,6 +18,7 @@ policy's log-probs with a forward pass when it needs them (``num_iterations`` > 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,7 +26,7 @@ from torch import nn
 from grpo.errors import ConfigError
 from grpo.rollout.backend_base import GenerationBackend, evaluating
 from grpo.rollout.paged import PagedBackend
-from grpo.rollout.sampling import StepsFactory, group_uniforms, sample_completions
+from grpo.rollout.sampling import Decoded, StepsFactory, TurnEnds, decode, group_uniforms
 from grpo.rollout.vllm import VLLMBackend
 
 DecoderFactory = Callable[[int], StepsFactory | None]  # rows decoded at once -> steps
@@ -33,7 +34,7 @@ BACKENDS = ("default", "paged", "vllm")
 
 
 class DefaultBackend(GenerationBackend):
-    """grpo's own decoding loop (:func:`grpo.rollout.sampling.sample_completions`) on the live policy: each
+    """grpo's own decoding loop (:func:`grpo.rollout.sampling.decode`) on the live policy: each
     prompt prefilled once, its cache copied to its G completions, finished rows dropped at once; through
     ``decoder``'s steps where it gives some, else transformers' forward steps.
 
@@ -52,11 +53,18 @@ class DefaultBackend(GenerationBackend):
     ):
         # decoder: faster decoding steps for a batch of this many rows (grpo.accel.fused.fused_decoding),
         # or None where it does not apply. keep_going: decoding steps in lockstep with the other ranks (a
-        # sharded policy; see grpo.rollout.sampling.sample_completions).
+        # sharded policy; see grpo.rollout.sampling.decode).
         self.model, self.decoder, self.keep_going = model, decoder, keep_going
 
     @torch.no_grad()
     def sample(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, **settings: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        decoded = self.sample_turns(prompt_ids, prompt_mask, **settings)  # one turn per row
+        return decoded.tokens, decoded.logps
+
+    @torch.no_grad()
+    def sample_turns(
         self,
         prompt_ids: torch.Tensor,
         prompt_mask: torch.Tensor,
@@ -71,7 +79,11 @@ class DefaultBackend(GenerationBackend):
         greedy: bool = False,
         seeds: Sequence[int] | None = None,
         batch_size: int | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        turn_ends: TurnEnds | None = None,
+        first_feeds: Sequence[Sequence[int]] | None = None,
+    ) -> Decoded:
+        """Rows of one or more turns (see :func:`grpo.rollout.sampling.decode`: ``turn_ends`` is told the
+        rows' indices in the whole batch), on the CPU."""
         model, g = self.model, num_generations
         pieces = []
         with evaluating(model):
@@ -85,7 +97,7 @@ class DefaultBackend(GenerationBackend):
                     if seeds is not None and not greedy:
                         uniforms = group_uniforms(seeds[rows], g, max_new_tokens).to(device)
                     pieces.append(
-                        sample_completions(
+                        decode(
                             model,
                             prompt_ids[rows].to(device),
                             prompt_mask[rows].to(device),
@@ -100,16 +112,32 @@ class DefaultBackend(GenerationBackend):
                             steps=steps,
                             uniforms=uniforms,
                             keep_going=self.keep_going,
+                            turn_ends=offset_rows(turn_ends, start * g),
+                            first_feeds=first_feeds and first_feeds[start * g : rows.stop * g],
                         )
                     )
             finally:
                 del steps  # a fast decoder's weight copies are needed no longer
-        width = max(ids.shape[1] for ids, _ in pieces)
-        completion_ids = torch.cat(
-            [nn.functional.pad(ids.cpu(), (0, width - ids.shape[1]), value=pad_id) for ids, _ in pieces]
+        width = max(piece.tokens.shape[1] for piece in pieces)
+
+        def joined(name: str, value: float | bool) -> torch.Tensor:
+            parts = [getattr(piece, name).cpu() for piece in pieces]
+            return torch.cat([nn.functional.pad(t, (0, width - t.shape[1]), value=value) for t in parts])
+
+        return Decoded(
+            joined("tokens", pad_id),
+            joined("logps", 0.0),
+            joined("sampled", False),
+            torch.cat([piece.lengths for piece in pieces]),
+            torch.cat([piece.ended for piece in pieces]),
         )
-        logps = torch.cat([nn.functional.pad(lp.cpu(), (0, width - lp.shape[1])) for _, lp in pieces])
-        return completion_ids, logps
+
+
+def offset_rows(turn_ends: TurnEnds | None, offset: int) -> TurnEnds | None:
+    """``turn_ends`` for a slice of the batch starting at row ``offset``."""
+    if turn_ends is None or offset == 0:
+        return turn_ends
+    return lambda rows, turns, last: turn_ends([row + offset for row in rows], turns, last)
 
 
 def make_backend(

@@ -40,6 +40,9 @@ class Rollout:
     sampling_logps: torch.Tensor | None
     pad_id: int = 0  # fills completion_ids past each completion's end
     loss_mask: torch.Tensor | None = None  # (N, C): the tokens trained on; default: completion_mask
+    # multi-turn trajectories: each completion's episode (grpo.agents.episode.EpisodeRecord: its messages
+    # after the prompt, counts, environment); None for single assistant messages
+    episodes: list[Any] | None = None
 
     def __post_init__(self) -> None:
         if self.loss_mask is None:
@@ -68,6 +71,7 @@ class Rollout:
             None if self.sampling_logps is None else self.sampling_logps[rows],
             self.pad_id,
             self.loss_mask[rows],
+            None if self.episodes is None else [self.episodes[r] for r in rows],
         )
 
     @staticmethod
@@ -95,6 +99,7 @@ class Rollout:
             torch.cat([right(p.sampling_logps, 0.0) for p in parts]) if known else None,
             first.pad_id,
             torch.cat([right(p.loss_mask, 0) for p in parts]),
+            [e for p in parts for e in p.episodes] if all(p.episodes is not None for p in parts) else None,
         )
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from grpo.agents.episode import EpisodeRecord, episode_metrics
 from grpo.runs.layout import EVAL_AFTER_FILE, EVAL_BEFORE_FILE, EVAL_STEP_GLOB, EVAL_STEP_PREFIX
 
 Metrics = Sequence[dict[str, Any]]  # logged lines, oldest first, each with its "step"
@@ -416,6 +417,12 @@ def _over_first_rows(summary: dict[str, Any], records: tuple[dict, ...], rows: i
     for name in first[0]["scores"]:
         scores = [v for record in first for v in record["scores"].get(name, ()) if _is_score(v)]
         restricted[f"reward/{name}"] = sum(scores) / len(scores) if scores else math.nan
+    if all(isinstance(record.get("trajectories"), list) for record in first):  # multi-turn episodes
+        try:
+            episodes = [EpisodeRecord(**fields) for record in first for fields in record["trajectories"]]
+            restricted.update(episode_metrics(episodes))
+        except (TypeError, ValueError):  # (a damaged file: its episodes are not summarised)
+            pass
     return restricted
 
 

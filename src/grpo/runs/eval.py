@@ -11,25 +11,35 @@ Per row, greedy (one sample) or ``num_samples`` sampled completions are scored; 
   ``<answer>``, else ``\boxed{}``, else ``#### n``; an accuracy reward configured with other ``sources``
   does not change this) and judged as it judges them. Majority voting (self-consistency) asks only for the
   right answer, not the format.
+
+With an :class:`~grpo.agents.rollout.Agent` (tools, an environment) each sample is a multi-turn episode:
+the rewards score its messages (and read its environment's final state), its final assistant message is its
+completion, each row record keeps its trajectories, and the summary adds the episodes' numbers
+(``episodes/turns_mean``, ``episodes/tool_calls``, ``episodes/well_formed_calls``, ...; see
+:func:`grpo.agents.episode.episode_metrics`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from grpo.accel.fused import fused_decoding
+from grpo.agents.episode import EpisodeRecord, episode_fields, episode_metrics, reward_arguments
 from grpo.data.prompts import Row, render_prompt
 from grpo.rewards import Reward, score_groups
 from grpo.rewards.core import solved_completions
 from grpo.rewards.math_answers import answers_equivalent, answers_match, final_answer, reference_answer
 from grpo.rollout.backend_base import GenerationBackend
 from grpo.rollout.backends import DefaultBackend
-from grpo.rollout.generate import generate
+from grpo.rollout.generate import generate, stop_token_ids
+
+if TYPE_CHECKING:
+    from grpo.agents.rollout import Agent
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -90,6 +100,7 @@ def evaluate(
     max_prompt_length: int = 10**9,
     ks: Iterable[int] = (),
     backend: GenerationBackend | None = None,
+    agent: Agent | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Greedy (one sample) or sampled (``num_samples`` > 1) scores; returns (summary, one record per row).
 
@@ -99,51 +110,63 @@ def evaluate(
     pass@k and maj@k for k = 1, ``num_samples`` and each of ``ks`` (maj@k only when every row has an
     ``answer``). Each record holds the row's prompt (a chat's last message), answer, completions, every
     reward's scores, solved flags, the answers read from the completions, and their majority vote.
+
+    With an ``agent``, each sample is an episode (``backend`` then must be the default one): a record also
+    holds its ``trajectories`` (:func:`grpo.agents.episode.episode_fields`), and the summary the episodes'
+    numbers over all samples (:func:`grpo.agents.episode.episode_metrics`).
     """
     ks = sorted({1, num_samples, *ks})
     if ks[0] < 1 or ks[-1] > num_samples:
         raise ValueError(f"every k must be between 1 and num_samples = {num_samples}, got {ks}")
+    if agent is not None and backend is not None and not isinstance(backend, DefaultBackend):
+        raise ValueError(f"an agent's episodes need the default backend, got {type(backend).__name__}")
     greedy = num_samples == 1
     graded = [reward.graded for reward in rewards]
+    sampling = dict(
+        num_generations=num_samples,
+        max_completion_length=max_completion_length,
+        max_prompt_length=max_prompt_length,
+        temperature=temperature,
+        top_p=top_p,
+        greedy=greedy,
+    )
     records: list[dict[str, Any]] = []
     all_scores = []
-    for start in range(0, len(rows), max(1, batch_size // num_samples)):
-        chunk = list(rows[start : start + max(1, batch_size // num_samples)])
-        prompts = [render_prompt(row["prompt"], tokenizer) for row in chunk]
-        rollout = generate(
-            model,
-            tokenizer,
-            prompts,
-            num_generations=num_samples,
-            max_completion_length=max_completion_length,
-            max_prompt_length=max_prompt_length,
-            temperature=temperature,
-            top_p=top_p,
-            greedy=greedy,
-            backend=backend or DefaultBackend(model, decoder=fused_decoding(model)),
-        )
-        scores = score_groups(rewards, chunk, rollout.texts).values
+    episodes: list[EpisodeRecord] = []
+    per_chunk = max(1, batch_size // num_samples)
+    for start in range(0, len(rows), per_chunk):
+        chunk = list(rows[start : start + per_chunk])
+        backend = backend or DefaultBackend(model, decoder=fused_decoding(model))
+        trajectories: list[EpisodeRecord] | None = None
+        if agent is None:
+            prompts = [render_prompt(row["prompt"], tokenizer) for row in chunk]
+            rollout = generate(model, tokenizer, prompts, backend=backend, **sampling)
+        else:
+            rollout = agent.sample(backend, chunk, stop_ids=stop_token_ids(model, tokenizer), **sampling)
+            trajectories = rollout.episodes
+        with_environments = agent is not None and agent.environment is not None
+        scores = score_chunk(rewards, chunk, rollout.texts, trajectories, with_environments)
         all_scores.append(scores)
+        episodes += trajectories or []
         solved = solved_completions(scores, graded).view(len(chunk), num_samples)
         for i, row in enumerate(chunk):
             group = slice(i * num_samples, (i + 1) * num_samples)
             answers = [final_answer(text) for text in rollout.texts[group]]
             voted = majority_vote(answers)
             reference = row.get("answer")
-            records.append(
-                {
-                    "prompt": row["prompt"]
-                    if isinstance(row["prompt"], str)
-                    else row["prompt"][-1]["content"],
-                    "answer": reference,
-                    "completions": rollout.texts[group],
-                    "scores": {r.name: scores[group, f].tolist() for f, r in enumerate(rewards)},
-                    "solved": solved[i].tolist(),
-                    "answers": answers,
-                    "voted": voted,
-                    "voted_right": None if reference is None else answer_is_right(voted, reference),
-                }
-            )
+            record = {
+                "prompt": row["prompt"] if isinstance(row["prompt"], str) else row["prompt"][-1]["content"],
+                "answer": reference,
+                "completions": rollout.texts[group],
+                "scores": {r.name: scores[group, f].tolist() for f, r in enumerate(rewards)},
+                "solved": solved[i].tolist(),
+                "answers": answers,
+                "voted": voted,
+                "voted_right": None if reference is None else answer_is_right(voted, reference),
+            }
+            if trajectories is not None:
+                record["trajectories"] = [episode_fields(e) for e in trajectories[group]]
+            records.append(record)
     scores = torch.cat(all_scores)
     solved_counts = [sum(r["solved"]) for r in records]
     summary: dict[str, float] = {"rows": float(len(records)), "samples_per_row": float(num_samples)}
@@ -155,4 +178,30 @@ def evaluate(
     if all(r["voted_right"] is not None for r in records):
         for k in ks:
             summary[f"maj@{k}"] = sum(maj_at_k(r["answers"], r["answer"], k) for r in records) / len(records)
+    if agent is not None:
+        summary.update(episode_metrics(episodes))
     return summary, records
+
+
+def score_chunk(
+    rewards: Sequence[Reward],
+    rows: list[Row],
+    texts: list[str],
+    episodes: list[EpisodeRecord] | None,
+    environments: bool = False,
+) -> torch.Tensor:
+    """The completions' scores, one row each; multi-turn ``episodes`` are scored on their messages, with
+    their environments' instances where the run has an environment (dropped once scored: the records
+    keep the conversations)."""
+    if episodes is None:
+        return score_groups(rewards, rows, texts).values
+    try:
+        return score_groups(
+            rewards,
+            rows,
+            texts,
+            **reward_arguments(episodes, environments),
+        ).values
+    finally:
+        for record in episodes:
+            record.environment = None

@@ -128,10 +128,22 @@ details.step table { margin: 0; width: 100%; }
 .badge { display: inline-block; font-size: 11px; padding: 0 7px; margin: 4px 4px 0 0; border-radius: 10px;
   background: #eaeef2; color: var(--muted); }
 table.config td:first-child { white-space: nowrap; }
+.trajectory { display: flex; flex-direction: column; gap: 4px; min-width: 30ch; }
+.msg { border: 1px solid var(--line); border-left-width: 4px; border-radius: 0 6px 6px 0;
+  padding: 2px 8px 4px; }
+.msg .role { display: block; font-size: 11px; font-weight: 600; letter-spacing: .03em;
+  text-transform: uppercase; color: var(--muted); }
+.msg-assistant { background: #fff; border-left-color: #0969da; }
+.msg-tool { background: #fff8c5; border-left-color: #d4a72c; margin-left: 3ch; }
+.msg-user { background: #dafbe1; border-left-color: #1a7f37; margin-left: 3ch; }
+.msg-other { background: var(--panel); margin-left: 3ch; }
+.badge.episode { background: #ddf4ff; color: #0969da; }
+ul.episode-errors { margin: 4px 0 0; padding-left: 18px; color: var(--bad); font-size: 13px; }
 """
 
 
-# The sample search: hide the rows that do not contain the query, and the steps left without rows.
+# The sample search: hide the rows that do not contain the query (anywhere in the row: prompt, completion,
+# a trajectory's messages), and the steps left without rows.
 SCRIPT = """
 (function () {
   var box = document.getElementById("sample-search");

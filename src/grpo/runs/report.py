@@ -4,8 +4,9 @@
 evaluations (eval_before.json, eval_stepN.json, eval_after.json), samples.jsonl and summary.json — and
 writes ``report.html`` beside them: the warnings of :mod:`grpo.runs.diagnostics` at the top, the headline
 figures, plots of the metrics over the steps (reward per function, held-out score, KL, entropy, clipping,
-completion length, step time), the sampled completions of each logged step with their rewards and
-advantages (with a search box), and the settings. `grpo train` writes it at the end of a run; `grpo report
+completion length, episodes' turns and tool calls, step time), the sampled completions (multi-turn
+trajectories) of each logged step with their rewards and advantages (with a search box,
+:mod:`grpo.runs.report_samples`), and the settings. `grpo train` writes it at the end of a run; `grpo report
 RUN_DIR` rebuilds it at any time, from a run still going or one cut short too.
 
 The page is self-contained (:mod:`grpo.runs.page`): CSS and JavaScript inline, plots as inline SVG drawn by
@@ -43,10 +44,19 @@ from grpo.runs.layout import (
 )
 from grpo.runs.page import esc, fmt, html_page, html_table, is_number, pct
 from grpo.runs.plots import Series, plot_svg
+from grpo.runs.report_samples import SAMPLE_STEPS_SHOWN, samples_section
 
-# Logged steps whose samples the page shows, spread over the run (all are in samples.jsonl): enough to
-# follow a run, few enough for a page that opens at once.
-SAMPLE_STEPS_SHOWN = 50
+# (SAMPLE_STEPS_SHOWN lives with the samples section; it is still read from here.)
+__all__ = ["SAMPLE_STEPS_SHOWN", "RunFiles", "report_line", "write_report"]
+
+# The episodes' numbers (multi-turn runs) that the held-out table shows, with how each is written.
+EPISODE_COLUMNS = (
+    ("episodes/turns_mean", "turns (mean)", lambda v: fmt(v, 3)),
+    ("episodes/tool_calls", "tool calls per episode", lambda v: fmt(v, 3)),
+    ("episodes/well_formed_calls", "well-formed calls", lambda v: pct(v)),
+    ("episodes/tool_errors", "tool errors", lambda v: fmt(v)),
+    ("episodes/stopped_at_max_turns", "stopped at max_turns", lambda v: pct(v)),
+)
 
 
 @dataclass
@@ -171,7 +181,7 @@ def render(run: RunFiles) -> str:
         ("diagnostics", "Diagnostics", _diagnostics_section(run)),
         ("summary", "Summary", _summary_section(run)),
         ("plots", "Metrics", _plots_section(run)),
-        ("samples", "Samples", _samples_section(run)),
+        ("samples", "Samples", samples_section(run.samples)),
         ("config", "Settings", _config_section(run)),
         ("files", "Files", _files_section(run)),
     ]
@@ -187,13 +197,6 @@ def render(run: RunFiles) -> str:
         if part
     )
     return html_page(f"grpo run · {run.directory.name}", "grpo run", run.directory.name, subtitle, sections)
-
-
-def _fixed(value: Any) -> str:
-    """Three decimals (an advantage of −1.5e−7 is 0.000)."""
-    if not is_number(value) or not math.isfinite(value):
-        return fmt(value)
-    return f"{round(value, 3) + 0.0:.3f}"  # + 0.0 turns −0.0 into 0.0
 
 
 def _diagnostics_section(run: RunFiles) -> str:
@@ -259,11 +262,13 @@ def _summary_section(run: RunFiles) -> str:
         row("note", esc(f"no readable {SUMMARY_FILE}: the run has not finished, or was cut short"))
     if run.held_out:
         rewards = sorted({k for _, summary in run.held_out for k in summary if k.startswith("reward/")})
+        episodes = [c for c in EPISODE_COLUMNS if any(c[0] in summary for _, summary in run.held_out)]
         table = html_table(
-            ["held-out at", "solved", *rewards],
+            ["held-out at", "solved", *rewards, *(label for _, label, _ in episodes)],
             (
                 [_held_out_label(step, i, len(run.held_out), run), pct(summary.get("solved"))]
                 + [fmt(summary.get(k), 3) for k in rewards]
+                + [show(summary.get(key)) for key, _, show in episodes]
                 for i, (step, summary) in enumerate(run.held_out)
             ),
             "numbers",
@@ -346,6 +351,18 @@ def _plots_section(run: RunFiles) -> str:
                 _series(m, "frac_reward_zero_std", "groups with equal rewards"),
             ],
         ),
+        (
+            "episodes",
+            "Episodes (multi-turn): turns, tool calls, shares of well-formed calls and max_turns stops",
+            "per episode / share",
+            [
+                _series(m, "episodes/turns_mean", "turns (mean)"),
+                _series(m, "episodes/turns_max", "turns (max)"),
+                _series(m, "episodes/tool_calls", "tool calls per episode"),
+                _series(m, "episodes/well_formed_calls", "well-formed calls (share)"),
+                _series(m, "episodes/stopped_at_max_turns", "stopped at max_turns (share)"),
+            ],
+        ),
         ("loss", "Loss", "loss", [_series(m, "loss", "loss")]),
         ("grad-norm", "Gradient norm (before clipping)", "norm", [_series(m, "grad_norm", "gradient norm")]),
         (
@@ -379,76 +396,6 @@ def _held_out_series(run: RunFiles) -> list[Series | None]:
         if any(math.isfinite(v) for v in values):
             series.append((f"mean {key.removeprefix('reward/')} reward", steps, values))
     return series
-
-
-# --- samples ---------------------------------------------------------------------------------------------
-def _samples_section(run: RunFiles) -> str:
-    if run.samples is None:
-        return ""
-    lines = [line for line in run.samples if isinstance(line.get("samples"), list)]
-    if not lines:
-        return '<p class="muted">No samples were logged (log_completions = 0).</p>'
-    shown = _spread(lines, SAMPLE_STEPS_SHOWN)
-    names: list[str] = []
-    for line in shown:
-        for sample in line["samples"]:
-            for name in sample.get("rewards") or {}:
-                if name not in names:
-                    names.append(name)
-    total = sum(len(line["samples"]) for line in shown)
-    note = (
-        f"{len(shown)} of the {len(lines)} logged steps are shown (all are in {SAMPLES_FILE}). "
-        if len(shown) < len(lines)
-        else ""
-    )
-    parts = [
-        f'<p class="muted">{esc(note)}Each step shows a few of its sampled completions, spread over its '
-        "groups: the prompt as the model saw it, the completion, each reward function's score, the total "
-        "reward and the advantage (positive: made more likely; negative: less).</p>",
-        '<div class="search"><input type="search" id="sample-search" '
-        'placeholder="Search prompts and completions…" aria-label="Search the samples">'
-        f' <span id="sample-count" class="muted">{total} samples</span></div>',
-    ]
-    for index, line in enumerate(shown):
-        samples = [s for s in line["samples"] if isinstance(s, dict)]
-        rewards = [s["reward"] for s in samples if is_number(s.get("reward"))]
-        mean = f" · mean reward {fmt(sum(rewards) / len(rewards), 3)}" if rewards else ""
-        rows = [_sample_row(sample, names) for sample in samples]
-        header = ["group", "prompt", "completion", *names, "reward", "advantage"]
-        table = html_table(header, rows, "samples", row_cls="sample")
-        is_open = " open" if index in (0, len(shown) - 1) else ""
-        parts.append(
-            f'<details class="step" data-step="{fmt(line["step"])}"{is_open}><summary>step '
-            f"{fmt(line['step'])} · {len(samples)} samples{mean}</summary>{table}</details>"
-        )
-    return "\n".join(parts)
-
-
-def _sample_row(sample: dict[str, Any], names: list[str]) -> list[str]:
-    rewards = sample.get("rewards") if isinstance(sample.get("rewards"), dict) else {}
-    badges = [f"{fmt(sample.get('length'))} tokens"] if is_number(sample.get("length")) else []
-    badges += [flag for flag in ("truncated", "skipped") if sample.get(flag) is True]
-    advantage = sample.get("advantage")
-    sign = ""
-    if is_number(advantage) and math.isfinite(advantage) and round(advantage, 3) != 0:
-        sign = "pos" if advantage > 0 else "neg"
-    return [
-        fmt(sample.get("group")),
-        f'<pre class="prompt">{esc(sample.get("prompt", ""))}</pre>',
-        f'<pre class="completion">{esc(sample.get("completion", ""))}</pre>'
-        + "".join(f'<span class="badge">{esc(badge)}</span>' for badge in badges),
-        *(f'<span class="num">{fmt(rewards.get(name), 3)}</span>' for name in names),
-        f'<span class="num"><b>{fmt(sample.get("reward"), 3)}</b></span>',
-        f'<span class="num {sign}">{_fixed(advantage)}</span>',
-    ]
-
-
-def _spread(items: list[Any], count: int) -> list[Any]:
-    """At most ``count`` of ``items``, evenly spaced, the first and the last always among them."""
-    if len(items) <= count:
-        return items
-    picks = sorted({round(i * (len(items) - 1) / (count - 1)) for i in range(count)})
-    return [items[i] for i in picks]
 
 
 # --- settings and files ----------------------------------------------------------------------------------

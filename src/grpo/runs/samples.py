@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from grpo.agents.episode import episode_fields
 from grpo.rollout.batch import ScoredBatch
 
 
@@ -18,7 +19,8 @@ def sample_records(batch: ScoredBatch, reward_names: list[str], tokenizer: Any, 
     """``count`` of the batch's completions, evenly spaced over it (so over its groups), each with its group,
     its prompt as the model saw it (chat template included), its text, each reward function's score (None
     where it did not apply), the total reward, the advantage (per-token advantages: their mean over the
-    completion), its length in tokens, and whether it was truncated or its group skipped."""
+    completion), its length in tokens, and whether it was truncated or its group skipped; a multi-turn
+    trajectory also its messages after the prompt (the completion is its final answer) and its counts."""
     rollout = batch.rollout
     n = len(rollout.texts)
     count = min(count, n)
@@ -46,6 +48,7 @@ def sample_records(batch: ScoredBatch, reward_names: list[str], tokenizer: Any, 
                 "length": int(present.sum().item()),
                 "truncated": bool(rollout.truncated[i].item()),
                 "skipped": bool(batch.skipped[i].item()),
+                **({} if rollout.episodes is None else episode_fields(rollout.episodes[i])),
             }
         )
     return records

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from grpo.agents.rollout import Agent
 from grpo.algo.advantages import zero_std_group_fraction
 from grpo.config.grpo import GRPOConfig
 from grpo.data.prompts import Row
@@ -180,7 +181,8 @@ def held_out_seconds(
     sample = rows[:HELD_OUT_SAMPLE]
     lengths = {"max_completion_length": config.max_completion_length}
     lengths["max_prompt_length"] = config.max_prompt_length
-    _, seconds = timed(lambda: evaluate(model, tokenizer, sample, rewards, **lengths))
+    agent = Agent.of_run(config, tokenizer)
+    _, seconds = timed(lambda: evaluate(model, tokenizer, sample, rewards, agent=agent, **lengths))
     return seconds / len(sample)
 
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from grpo.agents.episode import reward_arguments
+from grpo.agents.rollout import Agent
 from grpo.algo.advantages import (
     group_advantages,
     leave_one_out_advantages,
@@ -30,7 +32,7 @@ from grpo.rewards.process import score_steps, split_steps, token_steps
 from grpo.rollout.backend_base import GenerationBackend
 from grpo.rollout.backends import DecoderFactory, make_backend
 from grpo.rollout.batch import Rollout, ScoredBatch
-from grpo.rollout.generate import generate
+from grpo.rollout.generate import generate, stop_token_ids
 from grpo.train.common import is_out_of_memory
 from grpo.train.distributed import Ranks, group_seeds
 
@@ -59,6 +61,7 @@ class GroupRollouts:
         self.decoder, self.keep_going = decoder, keep_going
         self.generation_batch_size = config.generation_batch_size  # halved when sampling runs out of memory
         self.backend: GenerationBackend | None = None  # what samples, built when first used
+        self.agent = Agent.of_run(config, tokenizer)  # tools or an environment: multi-turn episodes
         self.backend_is_stale = False  # the policy changed since the backend last saw its weights
 
     def sample_batch(self, step: int) -> ScoredBatch:
@@ -97,12 +100,14 @@ class GroupRollouts:
     def sample_and_score(self, rows: list[Row], seeds: list[int] | None = None, step: int = 0) -> ScoredBatch:
         """Sample a group for each row (group i from ``seeds[i]`` when given) and score it."""
         c = self.config
-        prompts = [render_prompt(row["prompt"], self.tokenizer) for row in rows]
-        rollout = self.generate_within_memory(prompts, seeds, step)
+        rollout = self.generate_within_memory(rows, seeds, step)
         g = c.num_generations
         completion_ids = [
             ids[m.bool()].tolist() for ids, m in zip(rollout.completion_ids, rollout.completion_mask)
         ]
+        episodes = {}
+        if rollout.episodes is not None:  # rewards read whole trajectories, and environments' final states
+            episodes = reward_arguments(rollout.episodes, self.agent.environment is not None)
         try:
             if c.supervision == "process":
                 return self.score_steps(rows, rollout)
@@ -113,9 +118,13 @@ class GroupRollouts:
                 on_failure=c.reward_failure,
                 timeout=c.reward_timeout or None,
                 completion_ids=completion_ids,
+                **episodes,
             )
         except RewardError as error:
             raise RewardError(f"step {step + 1}: {error}") from None
+        finally:
+            for record in rollout.episodes or []:
+                record.environment = None  # scored: the logs keep the conversation, not the instance
         values = scores.values
         if c.multi_objective_aggregation == "normalize_then_sum":
             values = normalize_per_function(values, g)
@@ -188,32 +197,42 @@ class GroupRollouts:
         self.backend_is_stale = False
         return self.backend
 
-    def generate_within_memory(self, prompts: list[str], seeds: list[int] | None, step: int) -> Rollout:
-        """Sample (group i from ``seeds[i]`` when given); when memory runs out, halve the completions
-        decoded at once (for the rest of the run) and retry once, from the same random state."""
+    def generate_within_memory(self, rows: list[Row], seeds: list[int] | None, step: int) -> Rollout:
+        """Sample the rows' groups (group i from ``seeds[i]`` when given): single turns, or episodes when
+        the run has an agent. When memory runs out, halve the completions decoded at once (for the rest of
+        the run) and retry once, from the same random state."""
         c = self.config
         backend = self.generation_backend()
         rng = capture_rng()
+        settings = dict(
+            num_generations=c.num_generations,
+            max_completion_length=c.max_completion_length,
+            max_prompt_length=c.max_prompt_length,
+            temperature=c.temperature,
+            top_p=c.top_p,
+            top_k=c.top_k,
+            seeds=seeds,
+        )
         for attempt in range(2):
             try:
+                if self.agent is not None:
+                    stops = stop_token_ids(self.policy, self.tokenizer)
+                    return self.agent.sample(
+                        backend, rows, stop_ids=stops, batch_size=self.generation_batch_size, **settings
+                    )
+                prompts = [render_prompt(row["prompt"], self.tokenizer) for row in rows]
                 return generate(
                     self.policy,
                     self.tokenizer,
                     prompts,
-                    num_generations=c.num_generations,
-                    max_completion_length=c.max_completion_length,
-                    max_prompt_length=c.max_prompt_length,
-                    temperature=c.temperature,
-                    top_p=c.top_p,
-                    top_k=c.top_k,
                     batch_size=self.generation_batch_size,
-                    seeds=seeds,
                     backend=backend,
+                    **settings,
                 )
             except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
                 if not is_out_of_memory(error):
                     raise
-                at_once = self.generation_batch_size or len(prompts) * c.num_generations
+                at_once = self.generation_batch_size or len(rows) * c.num_generations
                 if attempt == 1 or at_once <= c.num_generations:
                     raise RunFailed(
                         f"step {step + 1}: out of memory while sampling {at_once} completions at once; "

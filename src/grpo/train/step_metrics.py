@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
+from grpo.agents.episode import episode_metrics
 from grpo.algo.advantages import zero_std_group_fraction
 from grpo.rewards.core import solved_completions
 from grpo.rollout.batch import ScoredBatch
@@ -31,9 +32,10 @@ def step_metrics(
 ) -> dict[str, float]:
     """The rewards (total, and each function's mean, spread and failures), the share of completions solved
     (see :func:`solved_share`; ``graded`` as there, all graded by default), the advantages, the groups
-    without signal or taken out, completion lengths and truncation; then ``sums`` (the losses and the loss
-    function's statistics, averaged over micro-batches and updates), the mean gradient norm of the applied
-    updates, the learning rate, and the step's timing."""
+    without signal or taken out, completion lengths and truncation, multi-turn episodes' counts
+    (:func:`grpo.agents.episode.episode_metrics`); then ``sums`` (the losses and the loss function's
+    statistics, averaged over micro-batches and updates), the mean gradient norm of the applied updates,
+    the learning rate, and the step's timing."""
     rollout = batch.rollout
     g = rollout.num_generations
     lengths = rollout.completion_mask.sum(dim=1).float()
@@ -59,6 +61,8 @@ def step_metrics(
     m["completions/min_length"] = lengths.min().item()
     m["completions/max_length"] = lengths.max().item()
     m["completions/truncated_ratio"] = rollout.truncated.float().mean().item()
+    if rollout.episodes is not None:
+        m.update(episode_metrics(rollout.episodes))
     m.update(sums)
     finite = [n for n in grad_norms if math.isfinite(n)]
     m["grad_norm"] = sum(finite) / len(finite) if finite else math.nan
