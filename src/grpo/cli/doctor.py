@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from grpo.agents.rollout import Agent
 from grpo.cli.recipes import RunInputs, check_prompts, checked_inputs
 from grpo.config.compatibility import check_processes
 from grpo.config.grpo import GRPOConfig
@@ -88,8 +89,9 @@ def measure_a_step(config: GRPOConfig, inputs: RunInputs, console: Console) -> t
     seed_everything(config.seed)  # as train does: the same adapters, so the run's own first groups
     models, tokenizer = load_policy(config, inputs.model_path)
     models.to(Ranks().device)
+    agent = Agent.of_run(config, tokenizer)
     check_prompts(
-        inputs.train_rows, tokenizer, config.max_prompt_length, config.dataset, inputs.model_path, config
+        inputs.train_rows, tokenizer, config.max_prompt_length, config.dataset, inputs.model_path, agent
     )
     trainer_class = PPOTrainer if config.algorithm == "ppo" else GRPOTrainer
     with tempfile.TemporaryDirectory(prefix="grpo-doctor-") as scratch:

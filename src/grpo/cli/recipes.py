@@ -82,11 +82,10 @@ def check_reward_columns(rows: list[Row], rewards: list[Reward], where: str) -> 
 
 
 def check_prompts(
-    rows: list[Row], tokenizer: Any, limit: int, where: str, model: str, config: GRPOConfig | None = None
+    rows: list[Row], tokenizer: Any, limit: int, where: str, model: str, agent: Agent | None = None
 ) -> None:
-    """Every prompt renders with this tokenizer and fits in ``limit`` tokens; else name the row. With a
-    ``config`` that has tools or an environment, the prompts are rendered as its episodes start."""
-    agent = None if config is None else Agent.of_run(config, tokenizer)
+    """Every prompt renders with this tokenizer and fits in ``limit`` tokens; else name the row. With an
+    ``agent`` (the run's tools or environment), the prompts are rendered as its episodes start."""
     for number, row in enumerate(rows, start=1):
         try:
             text = agent.prompt_text(row) if agent else render_prompt(row["prompt"], tokenizer)
@@ -228,7 +227,8 @@ def _run_training(config: GRPOConfig, console: Console, ranks: distributed.Ranks
 
     models, tokenizer = load_policy(config, model_path)
     models.to(ranks.device)
-    check_prompts(train_rows, tokenizer, config.max_prompt_length, config.dataset, model_path, config)
+    agent = Agent.of_run(config, tokenizer)  # (checked here, and what the held-out scoring samples with)
+    check_prompts(train_rows, tokenizer, config.max_prompt_length, config.dataset, model_path, agent)
     policy = models.policy
     ranks.broadcast_(p for p in policy.parameters() if p.requires_grad)  # one initialisation for all
     eval_backend = None
@@ -264,8 +264,6 @@ def _run_training(config: GRPOConfig, console: Console, ranks: distributed.Ranks
             f"= {ranks.world_size * config.prompts_per_step} prompts × {config.num_generations} completions"
         )
 
-    eval_agent = Agent.of_run(config, tokenizer)
-
     def held_out(tag: str, limit: int = 0) -> dict[str, float] | None:
         # Every rank evaluates (greedy, so alike), the first one writes. ``limit``: the first rows only.
         if eval_rows is None:
@@ -278,7 +276,7 @@ def _run_training(config: GRPOConfig, console: Console, ranks: distributed.Ranks
             max_completion_length=config.max_completion_length,
             max_prompt_length=config.max_prompt_length,
             backend=eval_backend,
-            agent=eval_agent,
+            agent=agent,
         )
         if ranks.is_main:
             write_json_atomic(output_dir / eval_file(tag), {"summary": summary, "rows": records})
