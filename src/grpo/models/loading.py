@@ -97,10 +97,13 @@ def resolve_model(name_or_path: str) -> str:
 
 
 def pick_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a ``dtype`` setting. "auto" is bfloat16 on a GPU that supports it and float32 on a
+    CPU, even one with native bfloat16 products: there, measured on the default run, bfloat16 was a few
+    percent faster and learned less (benchmarks/RESULTS.md)."""
     if name == "auto":
         if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
             return torch.bfloat16
-        return torch.float32  # CPUs without native bf16 are slower, not faster, in bf16
+        return torch.float32
     return getattr(torch, name)
 
 
@@ -189,7 +192,10 @@ def save_final_model(policy: nn.Module, tokenizer: Any, directory: Path) -> None
     """A plain transformers model (adapters merged into a copy) that AutoModelForCausalLM loads."""
     model = policy
     if hasattr(policy, "merge_and_unload"):
-        model = copy.deepcopy(policy).merge_and_unload()
+        model = copy.deepcopy(policy)
+        if {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}:
+            model.float()  # merged in the adapters' precision: in bfloat16 most of the update rounds away
+        model = model.merge_and_unload()
     model.config.use_cache = True
 
     def fill(staging: Path) -> None:
