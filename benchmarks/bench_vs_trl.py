@@ -11,15 +11,17 @@ full fine-tuning, μ = 1 or 2. A "step" is one generation batch and its μ optim
 The first table holds each framework as a user gets it: grpo's defaults (``GRPOConfig()``; ``dtype: auto``)
 against TRL's (``trl.GRPOConfig()``: gradient checkpointing on, bf16 mixed precision, micro-batches of 8).
 Parity rows then change one thing on one side to match the other: gradient checkpointing on for both, off for
-both, float32 for both, and grpo's lean memory settings against TRL given grpo's allocator (a fixed glibc
-mmap threshold and ``malloc_trim`` between the phases of a step, as ``release_memory`` does).
+both, float32 for both, bfloat16 for both (LoRA over a bfloat16 base), and grpo's lean memory settings against
+TRL given grpo's allocator (a fixed glibc mmap threshold and ``malloc_trim`` after sampling, after scoring and
+around each optimizer step, as ``release_memory`` does). TRL's learning rate is held constant, as grpo's is.
 
 Every (framework, settings) pair runs in a fresh process, the frameworks alternating within each repeat. Peak
 memory is every page a run adds: the peak of a memory cgroup of the worker's own (anonymous memory, page cache
 of the files it writes or maps afresh such as offloaded weights, kernel memory), with the model's files and
 the libraries read once beforehand so that neither side is charged for pages both share. Where no cgroup can
 be made, the peak of resident memory plus the cached pages of every writable shared file mapping, sampled
-every 20 ms. The JSON says which, and keeps ru_maxrss beside it.
+every 20 ms. The JSON says which, and keeps ru_maxrss beside it. Training FLOPs count useful work only:
+completion tokens through μ forward and backward passes and one reference forward, no recomputation.
 
 It prints the tables as Markdown, per step both sides' loss, KL and reward, this machine's limits (matmul
 FLOP/s in float32 and bfloat16, copy bandwidth) and where each defaults row stands against the targets.
@@ -100,31 +102,40 @@ def variety_reward(prompts, completions, **_):
 
 # --- memory ----------------------------------------------------------------------------------------------
 class MemoryCgroup:
-    """A memory cgroup of one worker's own (v2 where the memory controller is on, else v1): its peak counts
-    every page charged to the worker, resident or cached."""
-
-    ROOTS = (("/sys/fs/cgroup", "memory.peak"), ("/sys/fs/cgroup/unified", "memory.peak"),
-             ("/sys/fs/cgroup/memory", "memory.max_usage_in_bytes"))  # fmt: skip
+    """A memory cgroup of one worker's own, made inside this process's own (v2 where the memory controller
+    is on, else v1): its peak counts every page charged to the worker, resident or cached."""
 
     def __init__(self, path: Path, peak_file: str):
         self.path, self.peak_file = path, peak_file
 
+    @staticmethod
+    def places() -> list[tuple[Path, str]]:
+        """Where this process's memory cgroup is, with the file that holds a cgroup's peak."""
+        places = []
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers == "memory":
+                places.append((Path("/sys/fs/cgroup/memory") / path.lstrip("/"), "memory.max_usage_in_bytes"))
+            elif controllers == "":
+                for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
+                    places.append((Path(root) / path.lstrip("/"), "memory.peak"))
+        return places
+
     @classmethod
     def create(cls, name: str) -> MemoryCgroup | None:
-        for root, peak_file in cls.ROOTS:
-            path = Path(root) / name
+        for parent, peak_file in cls.places():
             try:
-                path.mkdir()
+                (parent / name).mkdir()
             except OSError:
                 continue
-            if (path / peak_file).exists():
-                return cls(path, peak_file)
-            path.rmdir()
+            if (parent / name / peak_file).exists():
+                return cls(parent / name, peak_file)
+            (parent / name).rmdir()
         return None
 
-    def enter(self) -> None:
-        """Move the calling process in (a worker calls it between fork and exec, before it allocates)."""
-        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+    def command(self, command: list[str]) -> list[str]:
+        """``command`` started inside this cgroup: a shell moves itself in, then becomes the command."""
+        return ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self.path / "cgroup.procs"), *command]
 
     def peak_bytes(self) -> int:
         return int((self.path / self.peak_file).read_text())
@@ -183,14 +194,14 @@ class ResidentSampler(threading.Thread):
                 writable_shared_file = fields[1].startswith("rw") and fields[1][3] == "s" and len(fields) > 5
                 mapping = (start, end) if writable_shared_file else None
             elif mapping and fields[0] == "Rss:":
-                total += self.cached(*mapping) - int(fields[1]) * 1024
+                total += self.cached(*mapping, resident_kb=fields[1]) - int(fields[1]) * 1024
         return max(0, total)
 
-    def cached(self, start: int, end: int) -> int:
+    def cached(self, start: int, end: int, resident_kb: str) -> int:
         """Bytes of [start, end) in the page cache (mincore)."""
         vector = (ctypes.c_ubyte * ((end - start) // mmap.PAGESIZE))()
         if self.libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(end - start), vector) != 0:
-            return 0
+            return int(resident_kb) * 1024  # unknown: as resident, so that it adds nothing
         return sum(byte & 1 for byte in bytes(vector)) * mmap.PAGESIZE
 
 
@@ -229,6 +240,17 @@ def run_grpo(model_dir: str, config: dict, settings: dict, steps: int, warmup: i
     }
 
 
+def trimmed(function, release):
+    """``function``, then ``release()``."""
+
+    def call(*a, **k):
+        out = function(*a, **k)
+        release()
+        return out
+
+    return call
+
+
 def run_trl(model_dir: str, config: dict, settings: dict, steps: int, warmup: int) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
@@ -246,7 +268,8 @@ def run_trl(model_dir: str, config: dict, settings: dict, steps: int, warmup: in
         gradient_accumulation_steps=PROMPTS_PER_STEP * GROUP // micro_batch, num_generations=GROUP,
         num_iterations=mu, max_completion_length=COMPLETION_TOKENS, beta=BETA, loss_type="grpo",
         learning_rate=LEARNING_RATE, max_steps=(steps + warmup) * mu, logging_steps=1, save_strategy="no",
-        report_to=[], seed=0, dataloader_num_workers=0, shuffle_dataset=False, **settings,
+        report_to=[], seed=0, dataloader_num_workers=0, shuffle_dataset=False, lr_scheduler_type="constant",
+        **settings,
     )  # fmt: skip
     peft_config = LoraConfig(
         r=LORA["r"], lora_alpha=LORA["alpha"], target_modules="all-linear", task_type="CAUSAL_LM"
@@ -269,18 +292,16 @@ def run_trl(model_dir: str, config: dict, settings: dict, steps: int, warmup: in
     trainer._generate = timed_generate
     if allocator == "grpo":  # what grpo's release_memory does: big blocks mapped alone, trims between phases
         map_blocks_from(MAPPED_BLOCK_MB)
-        original_score = trainer._generate_and_score_completions
-
-        def trimmed_score(*a, **k):
-            out = original_score(*a, **k)
-            release_free_memory()
-            return out
-
-        trainer._generate_and_score_completions = trimmed_score
+        for phase in ("_generate", "_generate_and_score_completions"):  # after sampling, after scoring
+            setattr(trainer, phase, trimmed(getattr(trainer, phase), release_free_memory))
     marks: list[float] = []
     step_logs: list[dict] = []
 
     class StepClock(TrainerCallback):
+        def on_pre_optimizer_step(self, *_, **__):
+            if allocator == "grpo":
+                release_free_memory()
+
         def on_step_end(self, *_, **__):
             marks.append(time.perf_counter())
             if allocator == "grpo":
@@ -309,15 +330,17 @@ def run_trl(model_dir: str, config: dict, settings: dict, steps: int, warmup: in
 
 def worker(job: dict) -> None:
     sampler = ResidentSampler()
-    sampler.start()
+    if job["sample_memory"]:  # (under a cgroup it would only take the GIL from the run)
+        sampler.start()
     run = run_grpo if job["framework"] == "grpo" else run_trl
     mode = "lora" if CONFIGS[job["config"]]["use_lora"] else "full"
     variants = GRPO_VARIANTS if job["framework"] == "grpo" else TRL_VARIANTS
     settings = variants[job["variant"]][mode] if job["framework"] == "grpo" else variants[job["variant"]]
     result = run(job["model"], CONFIGS[job["config"]], settings, job["steps"], job["warmup"])
-    sampler.stopped.set()
-    sampler.join()
-    result["sampled_peak_mb"] = max(sampler.peak, sampler.sample()) / 2**20
+    if job["sample_memory"]:
+        sampler.stopped.set()
+        sampler.join()
+        result["sampled_peak_mb"] = max(sampler.peak, sampler.sample()) / 2**20
     result["ru_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path(job["out"]).write_text(json.dumps(result))
 
@@ -325,11 +348,10 @@ def worker(job: dict) -> None:
 def run_worker(job: dict, env: dict) -> dict:
     """One worker in a fresh process (in a memory cgroup of its own where one can be made)."""
     cgroup = MemoryCgroup.create(f"grpo-bench-{os.getpid()}-{time.monotonic_ns()}")
+    job = {**job, "sample_memory": cgroup is None}
+    command = [sys.executable, __file__, "--worker", json.dumps(job)]
     try:
-        subprocess.run(
-            [sys.executable, __file__, "--worker", json.dumps(job)], check=True, env=env,
-            preexec_fn=cgroup.enter if cgroup else None,
-        )  # fmt: skip
+        subprocess.run(cgroup.command(command) if cgroup else command, check=True, env=env)
         result = json.loads(Path(job["out"]).read_text())
         if cgroup:
             result["peak_mb"], result["memory_measure"] = cgroup.peak_bytes() / 2**20, cgroup.kind
@@ -433,6 +455,8 @@ def main() -> None:
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.warmup < 1:
+        parser.error("--warmup must be at least 1: the first step also times each side's setup")
     if args.worker:
         worker(json.loads(args.worker))
         return
@@ -440,13 +464,18 @@ def main() -> None:
     from grpo.models.loading import resolve_model
 
     model_dir = resolve_model("smollm2-135m-instruct")
-    # The libraries' files, read into the page cache here so that no worker is charged for them.
-    import datasets  # noqa: F401
-    import peft  # noqa: F401
-    import transformers  # noqa: F401
-    import trl  # noqa: F401
+    # The model's and the libraries' files, read into the page cache from here: neither side is charged
+    # for pages both share, whichever touches them first.
+    import datasets
+    import peft
+    import pyarrow
+    import transformers
+    import trl
 
-    read_once([Path(model_dir)])
+    import grpo
+
+    libraries = [torch, transformers, trl, peft, datasets, pyarrow, grpo]
+    read_once([Path(model_dir), *(Path(module.__file__).parent for module in libraries)])
     table = plan([c for c in args.configs.split(",") if c], [c for c in args.parity.split(",") if c])
     results: dict[str, dict] = {}
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "THP_MEM_ALLOC_ENABLE": str(int(args.huge_pages))}
@@ -546,7 +575,10 @@ def summarise(table: list, results: dict, facts: dict, args: argparse.Namespace)
             work = length[k] * per_step * per_token_flops * ((1 + backward) * mu + 1)
             flops = peak_flops(facts, dtype[k])
             training = work / (median[k] - generation[k]) / flops
-            decoding = tokens_per_s[k] / (flops / per_token_flops)
+            # A decoding step reads every weight once for the batch, and computes 2P FLOPs per row.
+            weight_bytes = facts["params"] * (2 if dtype[k] == "bfloat16" else 4)  # autocast reads float32
+            bound = min(flops / per_token_flops, facts["bandwidth"] * per_step / weight_bytes)
+            decoding = tokens_per_s[k] / bound
             reached.append((k, training, decoding))
         (_, training, decoding), (_, trl_training, trl_decoding) = reached
         marks = {
