@@ -98,8 +98,8 @@ def resolve_model(name_or_path: str) -> str:
 
 def pick_dtype(name: str) -> torch.dtype:
     """The torch dtype of a ``dtype`` setting. "auto" is bfloat16 on a GPU that supports it and float32 on a
-    CPU, even one with native bfloat16 products: there, measured on the default run, bfloat16 was a few
-    percent faster and learned less (benchmarks/RESULTS.md)."""
+    CPU, even one with native bfloat16 products, until bfloat16's learning there is measured on more seeds
+    (benchmarks/RESULTS.md)."""
     if name == "auto":
         if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
             return torch.bfloat16
