@@ -189,7 +189,9 @@ def parameter_counts(*modules: nn.Module | None) -> dict[str, int]:
 
 
 def save_final_model(policy: nn.Module, tokenizer: Any, directory: Path) -> None:
-    """A plain transformers model (adapters merged into a copy) that AutoModelForCausalLM loads."""
+    """A plain transformers model (adapters merged into a copy) that AutoModelForCausalLM loads. Float32
+    adapters over a bfloat16 base are merged, and saved, in float32: twice the base's size, but the update
+    survives (loading it back in bfloat16 rounds it away again)."""
     model = policy
     if hasattr(policy, "merge_and_unload"):
         model = copy.deepcopy(policy)
