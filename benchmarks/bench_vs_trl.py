@@ -10,9 +10,10 @@ full fine-tuning, μ = 1 or 2. A "step" is one generation batch and its μ optim
 
 The first table holds each framework as a user gets it: grpo's defaults (``GRPOConfig()``; ``dtype: auto``)
 against TRL's (``trl.GRPOConfig()``: gradient checkpointing on, bf16 mixed precision, micro-batches of 8).
-Parity rows then change one thing on one side to match the other: gradient checkpointing on for both, off for
-both, float32 for both, bfloat16 for both (LoRA over a bfloat16 base), and grpo's lean memory settings against
-TRL given grpo's allocator (a fixed glibc mmap threshold and ``malloc_trim`` after sampling, after scoring and
+Parity rows (``--rows``) then change one thing on one side to match the other: gradient checkpointing on for
+both, off for both, float32 for both, bfloat16 for both (LoRA over a bfloat16 base: left out where grpo's
+``auto`` is that already, on a CPU with native bfloat16), and grpo's lean memory settings against TRL given
+grpo's allocator (a fixed glibc mmap threshold and ``malloc_trim`` after sampling, after scoring and
 around each optimizer step, as ``release_memory`` does). TRL's learning rate is held constant, as grpo's is.
 
 Every (framework, settings) pair runs in a fresh process, the frameworks alternating within each repeat. Peak
@@ -60,6 +61,7 @@ CONFIGS = {
 GRPO_VARIANTS = {
     "defaults": {"lora": {}, "full": {}},
     "checkpointing": {"lora": {"gradient_checkpointing": True}, "full": {"gradient_checkpointing": True}},
+    "float32": {"lora": {"dtype": "float32"}, "full": {"dtype": "float32"}},
     # LoRA over a bfloat16 base, float32 adapters: TRL's bf16 mixed precision for a LoRA run. (Full
     # fine-tuning in bfloat16 would be bfloat16 master weights, not TRL's mixed precision: no such row.)
     "bfloat16": {"lora": {"dtype": "bfloat16"}},
@@ -76,13 +78,13 @@ TRL_VARIANTS = {
     "float32": {"bf16": False},
     "grpo-allocator": {"allocator": "grpo"},
 }
-ROW_KINDS = {  # label → (grpo variant, TRL variant)
-    "defaults": ("defaults", "defaults"),
-    "checkpointing on, both": ("checkpointing", "defaults"),
-    "checkpointing off, both": ("defaults", "no-checkpointing"),
-    "float32, both": ("defaults", "float32"),
-    "bfloat16, both": ("bfloat16", "defaults"),
-    "grpo lean; TRL with grpo's allocator": ("lean", "grpo-allocator"),
+ROW_KINDS = {  # name → (label, grpo variant, TRL variant)
+    "defaults": ("defaults", "defaults", "defaults"),
+    "checkpointing-on": ("checkpointing on, both", "checkpointing", "defaults"),
+    "checkpointing-off": ("checkpointing off, both", "defaults", "no-checkpointing"),
+    "float32": ("float32, both", "float32", "float32"),
+    "bfloat16": ("bfloat16, both", "bfloat16", "defaults"),
+    "lean": ("grpo lean; TRL with grpo's allocator", "lean", "grpo-allocator"),
 }
 TARGETS = {"time": 0.35, "memory": 0.5, "training": 0.60, "decoding": 0.50}
 TOPICS = ["a lighthouse", "a lost key", "the first snow", "a robot chef", "a night train", "an old map",
@@ -427,13 +429,31 @@ def machine_facts(model_dir: str) -> dict:
 
 
 # --- driver ----------------------------------------------------------------------------------------------
-def plan(configs: list[str], parity: list[str]) -> list[tuple[str, str, str, str]]:
-    """The rows to compare: (label, config, grpo variant, TRL variant)."""
+def resolved_settings(variant: str, mode: str) -> dict:
+    """A grpo variant's settings with ``dtype`` as this machine resolves it (auto: bfloat16 for a LoRA
+    run's frozen base on a CPU with native bfloat16, else float32)."""
+    from grpo.models.loading import pick_dtype
+
+    settings = dict(GRPO_VARIANTS[variant][mode])
+    dtype = pick_dtype(settings.get("dtype", "auto"), trained=mode == "full")
+    return settings | {"dtype": str(dtype).removeprefix("torch.")}
+
+
+def plan(configs: list[str], parity: list[str], kinds: list[str]) -> list[tuple[str, str, str, str]]:
+    """The rows to compare: (label, config, grpo variant, TRL variant). A grpo variant that resolves here to
+    the settings of one before it (bfloat16 where auto is bfloat16 already) runs as that one, and a row that
+    then repeats an earlier row is left out."""
     table = [("defaults", name, "defaults", "defaults") for name in configs]
     for name in parity:
         mode = "lora" if CONFIGS[name]["use_lora"] else "full"
-        for label, (grpo_variant, trl_variant) in ROW_KINDS.items():
-            if label != "defaults" and mode in GRPO_VARIANTS[grpo_variant]:
+        for kind in kinds:
+            label, grpo_variant, trl_variant = ROW_KINDS[kind]
+            if mode not in GRPO_VARIANTS[grpo_variant]:
+                continue
+            settings = resolved_settings(grpo_variant, mode)
+            grpo_variant = next(v for v in GRPO_VARIANTS if mode in GRPO_VARIANTS[v]
+                                and resolved_settings(v, mode) == settings)  # fmt: skip
+            if not any(row[1:] == (name, grpo_variant, trl_variant) for row in table):
                 table.append((label, name, grpo_variant, trl_variant))
     return table
 
@@ -449,6 +469,8 @@ def main() -> None:
     parser.add_argument(
         "--parity", default="lora-mu1,full-mu1", help="configurations of the parity rows ('' for none)"
     )
+    parity_rows = ",".join(kind for kind in ROW_KINDS if kind != "defaults")
+    parser.add_argument("--rows", default=parity_rows, help="which parity rows (ROW_KINDS)")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/last_run.json"))
     parser.add_argument(
         "--huge-pages", action="store_true", help="THP_MEM_ALLOC_ENABLE=1 for both frameworks"
@@ -476,7 +498,10 @@ def main() -> None:
 
     libraries = [torch, transformers, trl, peft, datasets, pyarrow, grpo]
     read_once([Path(model_dir), *(Path(module.__file__).parent for module in libraries)])
-    table = plan([c for c in args.configs.split(",") if c], [c for c in args.parity.split(",") if c])
+    kinds = [kind for kind in args.rows.split(",") if kind]
+    if unknown := [kind for kind in kinds if kind not in ROW_KINDS or kind == "defaults"]:
+        parser.error(f"--rows: no parity row {unknown[0]!r}; there are: {parity_rows}")
+    table = plan([c for c in args.configs.split(",") if c], [c for c in args.parity.split(",") if c], kinds)
     results: dict[str, dict] = {}
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "THP_MEM_ALLOC_ENABLE": str(int(args.huge_pages))}
     for repeat in range(args.repeats):

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+from grpo.models.loading import NATIVE_BF16_ENV
+
+# float32 wherever "auto" would pick it, so the tests compute alike on CPUs with and without native bfloat16
+# (tests/models/test_dtype.py sets it where it matters; GRPO_CPU_BF16=1 pytest runs them all in bfloat16).
+os.environ.setdefault(NATIVE_BF16_ENV, "0")
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -49,6 +49,32 @@ def test_packed_linear_is_a_linear_layer(pack, with_bias):
         torch.testing.assert_close(layer(x), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
 
 
+def test_float32_adapters_over_a_bfloat16_base_give_what_peft_computes():
+    """Folded into a bfloat16 weight, an update below its resolution rounds away, so sampling would not see
+    what training computes: the adapters stay apart, as peft's forward keeps them."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    holder = torch.nn.Module()
+    holder.q, holder.k = torch.nn.Linear(1024, 48), torch.nn.Linear(1024, 16, bias=False)
+    for linear in (holder.q, holder.k):
+        torch.nn.init.normal_(linear.weight, std=0.02)
+    holder.bfloat16()
+    peft_model = get_peft_model(holder, LoraConfig(target_modules=["q", "k"], r=4, lora_alpha=8)).eval()
+    q, k = peft_model.base_model.model.q, peft_model.base_model.model.k
+    assert q.lora_A["default"].weight.dtype is torch.float32
+    with torch.no_grad():
+        for layer in (q, k):  # updates of about a quarter of a bfloat16 step of the weights they adapt
+            layer.lora_B["default"].weight.normal_(std=0.02 * 2**-8 / 4)
+        aligned = q.lora_A["default"].weight[0].sign()  # inputs along an adapter: their update adds up
+        x = (torch.where(torch.rand(64, 1024) < 0.2, -1.0, 1.0) * aligned).bfloat16()
+        joined = fused.JoinedLinear([q, k], batch_hint=64, pack=False)
+        assert torch.equal(joined(x)[0], q(x)) and torch.equal(joined(x)[1], k(x))
+        delta = q.get_delta_weight("default")
+        folded = F.linear(x, q.base_layer.weight + delta.bfloat16(), q.base_layer.bias)
+        assert (folded != q(x)).float().mean() > 0.1  # what folding did: a different policy
+
+
 def test_greedy_decoding_matches_transformers_forward(tiny_model, tokenizer):
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     assert fused.supports(model)

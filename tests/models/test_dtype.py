@@ -1,4 +1,5 @@
-"""The weights' dtype: "auto" on a CPU; LoRA over a bfloat16 base (float32 adapters, merged in float32)."""
+"""The weights' dtype: "auto" on a CPU with and without native bfloat16; LoRA over a bfloat16 base (float32
+adapters, merged in float32)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,54 @@ from typer.testing import CliRunner
 
 from grpo.cli.main import app
 from grpo.config.grpo import GRPOConfig
-from grpo.models.loading import pick_dtype, save_final_model
+from grpo.errors import ConfigError
+from grpo.models.loading import NATIVE_BF16_ENV, pick_dtype, save_final_model, weight_dtypes
 from grpo.models.policy import load_policy
 
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="auto is bfloat16 on a GPU that supports it")
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="auto is bfloat16 on a GPU that supports it")
-def test_auto_is_float32_on_a_cpu():
-    assert pick_dtype("auto") is torch.float32
+
+@cpu_only
+def test_auto_is_float32_on_a_cpu_without_native_bfloat16(monkeypatch):
+    monkeypatch.setenv(NATIVE_BF16_ENV, "0")
+    assert pick_dtype("auto", trained=False) is torch.float32
+    assert pick_dtype("auto", trained=True) is torch.float32
+
+
+@cpu_only
+def test_auto_keeps_only_frozen_weights_in_bfloat16_on_a_cpu_that_has_it(monkeypatch):
+    monkeypatch.setenv(NATIVE_BF16_ENV, "1")
+    assert pick_dtype("auto", trained=False) is torch.bfloat16
+    assert pick_dtype("auto") is torch.float32  # trained weights: no float32 master copy to round into
+
+
+@cpu_only
+def test_the_override_takes_0_or_1_only(monkeypatch):
+    monkeypatch.setenv(NATIVE_BF16_ENV, "yes")
+    for trained in (False, True):
+        with pytest.raises(ConfigError, match=NATIVE_BF16_ENV):
+            pick_dtype("auto", trained=trained)
+
+
+@cpu_only
+@pytest.mark.parametrize("use_lora", [True, False])
+def test_auto_on_a_native_bfloat16_cpu_keeps_what_is_trained_in_float32(tiny_model, monkeypatch, use_lora):
+    monkeypatch.setenv(NATIVE_BF16_ENV, "1")
+    models, _ = load_policy(GRPOConfig(model_name_or_path=str(tiny_model), use_lora=use_lora, beta=0.04))
+    frozen = {p.dtype for p in models.policy.parameters() if not p.requires_grad}
+    assert {p.dtype for p in models.policy.parameters() if p.requires_grad} == {torch.float32}
+    assert frozen == ({torch.bfloat16} if use_lora else set())
+    if not use_lora:
+        assert {p.dtype for p in models.reference_model.parameters()} == {torch.float32}
+    assert weight_dtypes(models.policy) == ("bfloat16, trained float32" if use_lora else "float32")
+
+
+@cpu_only
+def test_a_bad_override_stops_a_run_with_one_line(tiny_model, tiny_dataset, tmp_path, reward_file):
+    args = base_args(tiny_model, tiny_dataset, tmp_path / "run", reward_file)
+    result = CliRunner().invoke(app, ["train", *args], env={NATIVE_BF16_ENV: "on"})
+    assert result.exit_code == 2, result.output
+    assert f"{NATIVE_BF16_ENV}='on'" in result.output and "Traceback" not in result.output
 
 
 def test_named_dtypes_are_taken_as_they_are():
@@ -57,5 +99,6 @@ def test_a_run_trains_over_a_bfloat16_base(tiny_model, tiny_dataset, tmp_path, r
     args = [*base_args(tiny_model, tiny_dataset, output, reward_file), "--max-steps", "2", "--beta", "0.04"]
     result = CliRunner().invoke(app, ["train", *args, "--dtype", "bfloat16"])
     assert result.exit_code == 0, result.output
+    assert "(bfloat16, trained float32)" in result.output  # the run says what it computes in
     final = AutoModelForCausalLM.from_pretrained(output / "final_model")
     assert {p.dtype for p in final.parameters()} == {torch.float32}

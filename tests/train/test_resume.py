@@ -187,6 +187,26 @@ def test_a_different_run_in_the_output_directory_is_refused_and_left_alone(
     assert {p: p.stat().st_mtime_ns for p in output.rglob("*")} == before
 
 
+def test_a_run_continues_only_in_the_dtype_its_weights_were_held_in(
+    tiny_model, tiny_dataset, tmp_path, reward_file, monkeypatch
+):
+    """dtype "auto" resolves by machine: a LoRA run started where it is float32 and continued where it is
+    bfloat16 would not continue exactly, so it stops and says how to continue."""
+    output = tmp_path / "run"
+    args = base_args(tiny_model, tiny_dataset, output, reward_file)
+    monkeypatch.setenv("GRPO_CPU_BF16", "0")
+    assert cli([*args, "--max-steps", "1"])[0] == 0
+    before = {p: p.stat().st_mtime_ns for p in output.rglob("*")}
+    monkeypatch.setenv("GRPO_CPU_BF16", "1")  # (now as on a CPU with native bfloat16)
+    code, log = cli([*args, "--max-steps", "2"])
+    assert code == 2, log
+    assert "held the weights in float32, this one would in bfloat16, trained float32" in log
+    assert "--dtype float32" in log
+    assert {p: p.stat().st_mtime_ns for p in output.rglob("*")} == before
+    code, log = cli([*args, "--max-steps", "2", "--dtype", "float32"])
+    assert code == 0, log
+
+
 def test_a_checkpoint_from_before_a_setting_existed_continues_with_its_default(
     tiny_model, tiny_dataset, tmp_path, reward_file
 ):

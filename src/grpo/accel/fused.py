@@ -27,7 +27,7 @@ from torch import nn
 
 from grpo.accel import onednn
 from grpo.algo.logprobs import token_logps_in_place
-from grpo.models.structure import effective_linear, unwrap
+from grpo.models.structure import adapter_factors, effective_linear, unwrap
 from grpo.rollout.sampling import prompt_positions
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -83,19 +83,51 @@ class PackedLinear:
 
 class JoinedLinear:
     """Linear layers that read the same input, as one product of a joined copy of their weights (adapters
-    folded in), packed once for oneDNN on a CPU in float32. Returns each layer's output."""
+    folded in), packed once for oneDNN on a CPU in float32. Returns each layer's output.
+
+    Adapters held in a wider dtype than the weights they adapt (float32 LoRA over a bfloat16 base) stay
+    apart, as thin products of their own: folded into a bfloat16 weight, an update below its resolution
+    would round away, and sampling would not see what training learned."""
 
     def __init__(self, modules: list[nn.Module], batch_hint: int, pack: bool = True):
-        parts = [effective_linear(m) for m in modules]
+        factors = [adapter_factors(m) for m in modules]
+        apart = any(
+            a.dtype.itemsize > getattr(m, "base_layer", m).weight.dtype.itemsize
+            for m, layer in zip(modules, factors)
+            for a, _ in layer
+        )
+        parts = [effective_linear(m, fold_adapters=not apart) for m in modules]
         weight = torch.cat([w for w, _ in parts]) if len(parts) > 1 else parts[0][0]
         bias = None
         if any(b is not None for _, b in parts):
             bias = torch.cat([b if b is not None else w.new_zeros(len(w)) for w, b in parts])
         self.product = PackedLinear(weight, bias, batch_hint, pack)
         self.sizes = [len(w) for w, _ in parts]
+        self.update = LowRankUpdate(factors, self.sizes) if apart else None
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.product(x).split(self.sizes, dim=-1))
+        y = self.product(x)
+        if self.update is not None:
+            y = (self.update(x) + y).to(y.dtype)  # summed in the adapters' dtype, as peft does
+        return list(y.split(self.sizes, dim=-1))
+
+
+class LowRankUpdate:
+    """The adapters of joined layers as two thin products: x Aᵀ for every adapter at once, then each layer's
+    scaled B over its own adapters' columns (a block-diagonal matrix)."""
+
+    def __init__(self, factors: list[list[tuple[torch.Tensor, torch.Tensor]]], sizes: list[int]):
+        self.down = torch.cat([a for layer in factors for a, _ in layer])
+        self.up = self.down.new_zeros(sum(sizes), len(self.down))
+        row = column = 0
+        for size, layer in zip(sizes, factors):
+            for a, scaled_b in layer:
+                self.up[row : row + size, column : column + len(a)] = scaled_b
+                column += len(a)
+            row += size
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x.to(self.down.dtype), self.down), self.up)
 
 
 @dataclass

@@ -23,6 +23,7 @@ from grpo.data.tasks import DEFAULT_EVAL_SPLIT, TASKS
 from grpo.errors import CheckpointError, ConfigError, DataError
 from grpo.files import check_output_dir, remove_leftovers, write_json_atomic, write_text_atomic
 from grpo.models.checkpoint import (
+    check_weight_dtypes,
     latest_checkpoint,
     load_weights,
     read_trainer_state,
@@ -33,6 +34,7 @@ from grpo.models.loading import (
     pick_dtype,
     resolve_model,
     save_final_model,
+    weight_dtypes,
     wrap_lora,
 )
 from grpo.models.policy import load_policy
@@ -143,7 +145,9 @@ def checkpoint_to_resume(config: GRPOConfig, output_dir: Path) -> Path | None:
         return None
     # A setting the run does not name did not exist yet: that run had its default.
     saved, current = field_defaults(GRPOConfig) | recorded, to_dict(config)
-    changed = [name for name in current if name not in RESUMABLE_CHANGES and saved.get(name) != current[name]]
+    # (dtype is checked as it resolves on this machine when the checkpoint's weights load: train.loop)
+    same = RESUMABLE_CHANGES | {"dtype"}
+    changed = [name for name in current if name not in same and saved.get(name) != current[name]]
     if changed:
         name = changed[0]
         difference = f"{name}: {saved.get(name)!r} there, {current[name]!r} now"
@@ -226,6 +230,8 @@ def _run_training(config: GRPOConfig, console: Console, ranks: distributed.Ranks
     seed_everything(config.seed)
 
     models, tokenizer = load_policy(config, model_path)
+    if resume_from is not None:
+        check_weight_dtypes(resume_from, models.policy)  # before this run writes anything
     models.to(ranks.device)
     agent = Agent.of_run(config, tokenizer)  # (checked here, and what the held-out scoring samples with)
     check_prompts(train_rows, tokenizer, config.max_prompt_length, config.dataset, model_path, agent)
@@ -257,7 +263,8 @@ def _run_training(config: GRPOConfig, console: Console, ranks: distributed.Ranks
             "(the run is seeded, so the result is the same)"
         )
     verb = f"continuing from {resume_from}" if resume_from else "training"
-    console.print(f"[bold]grpo[/] {verb}: {config.model_name_or_path} on {config.dataset} → {output_dir}")
+    weights = f"{config.model_name_or_path} ({weight_dtypes(policy)})"
+    console.print(f"[bold]grpo[/] {verb}: {weights} on {config.dataset} → {output_dir}")
     if ranks.distributed:
         console.print(
             f"{ranks.world_size} processes × {config.prompts_per_step} prompts per step "
@@ -338,7 +345,7 @@ def _run_training(config: GRPOConfig, console: Console, ranks: distributed.Ranks
 
 def whole_model(config: GRPOConfig, model_path: str, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     """An unsharded policy (with its adapters under LoRA) holding ``state``, on the CPU."""
-    model = load_causal_lm(model_path, pick_dtype(config.dtype))
+    model = load_causal_lm(model_path, pick_dtype(config.dtype, trained=not config.use_lora))
     if config.use_lora:
         model = wrap_lora(model, config)
     model.load_state_dict(state)

@@ -27,8 +27,10 @@ class ModelSettings(Settings):
     """How the model's weights are held and its activations kept: every stage."""
 
     dtype: Text = "auto"
-    """Weights' dtype: "auto" (float32 on CPU, bfloat16 on a GPU that supports it), "float32", "bfloat16".
-    Under LoRA the adapters and their optimizer state stay float32 whatever the base's dtype."""
+    """Weights' dtype: "auto", "float32", "bfloat16". "auto" is bfloat16 on a GPU that supports it; on a CPU
+    it is bfloat16 for a LoRA run's frozen base where the CPU multiplies bfloat16 in hardware (AVX512-BF16
+    or AMX; ``GRPO_CPU_BF16=0`` says no), float32 otherwise. Under LoRA the adapters and their optimizer
+    state stay float32 whatever the base's dtype."""
     gradient_checkpointing: Boolean = False
     """Recompute each layer's activations in the backward pass instead of keeping them: much less memory
     for about a third more compute. A prompt shared by several sequences (a GRPO group's completions, a DPO

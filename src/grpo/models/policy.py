@@ -133,7 +133,7 @@ def load_policy(config: GRPOConfig, path: str | None = None) -> tuple[PolicyAndR
     """The policy (with LoRA adapters when configured), its reference and the tokenizer."""
     path = path or resolve_model(config.model_name_or_path)
     tokenizer = load_tokenizer(path)
-    model = load_causal_lm(path, pick_dtype(config.dtype))
+    model = load_causal_lm(path, pick_dtype(config.dtype, trained=not config.use_lora))
     if config.gradient_checkpointing:
         enable_checkpointing(model)
     needs_reference = config.beta != 0

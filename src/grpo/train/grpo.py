@@ -27,7 +27,7 @@ from grpo.config.grpo import GRPOConfig
 from grpo.config.loading import to_dict
 from grpo.data.prompts import Row
 from grpo.models.checkpoint import load_reference
-from grpo.models.loading import trainable_parameters
+from grpo.models.loading import trainable_parameters, weight_dtypes
 from grpo.models.policy import PolicyAndReference
 from grpo.models.structure import is_sharded
 from grpo.rewards import Reward
@@ -256,7 +256,8 @@ class GRPOTrainer:
         """A checkpoint of this step: weights (or adapters), optimizer, schedule, random generators, and a
         reference that iterative RL has made a copy of the policy."""
         synced, extra = self.models.reference_to_save()
-        state = {"step": self.step, "config": to_dict(self.config), "reference_synced": synced}
+        state = {"step": self.step, "config": to_dict(self.config), "reference_synced": synced,
+                 "weights": weight_dtypes(self.policy)}  # fmt: skip
         gathered: dict[str, Any] = {}
         if self.sharded:  # the whole weights and optimizer state, gathered on the first rank
             if not wait:  # (a rank that failed alone cannot gather: the others are not listening)

@@ -31,6 +31,7 @@ from grpo.files import write_text_atomic
 from grpo.models.checkpoint import (
     CHECKPOINT_PREFIX,
     capture_rng,
+    check_weight_dtypes,
     load_training_state,
     load_weights,
     prune_checkpoints,
@@ -113,6 +114,7 @@ class Checkpoints:
         """Restore the weights, optimizer and scheduler of ``checkpoint``; its trainer state and the random
         generators' states to restore once everything else is loaded. A sharded model's weights went in
         before sharding (grpo.cli.recipes); its optimizer's state is sharded here."""
+        check_weight_dtypes(checkpoint, model)
         if sharded:
             state, rng = load_training_state(
                 checkpoint,

@@ -49,7 +49,7 @@ from grpo.config.loading import to_dict
 from grpo.data.prompts import Row
 from grpo.errors import CheckpointError
 from grpo.models.checkpoint import load_reference
-from grpo.models.loading import trainable_parameters
+from grpo.models.loading import trainable_parameters, weight_dtypes
 from grpo.models.policy import PolicyAndReference
 from grpo.rewards import Reward, weighted_sum
 from grpo.rollout.backend_base import GenerationBackend
@@ -369,7 +369,8 @@ class PPOTrainer:
         """A checkpoint with ``value_head.safetensors`` beside the weights, written in the same atomic
         rename, and a reference that iterative RL has made a copy of the policy."""
         synced, extra = self.models.reference_to_save()
-        state = {"step": self.step, "config": to_dict(self.config), "reference_synced": synced}
+        state = {"step": self.step, "config": to_dict(self.config), "reference_synced": synced,
+                 "weights": weight_dtypes(self.policy)}  # fmt: skip
         model = _PolicyAndValueHead(self.policy, self.value_head)
         optimizer, scheduler = self.update.optimizer, self.update.scheduler
         return self.checkpoints.write(

@@ -180,7 +180,7 @@ def log_line(window: list[dict[str, float]]) -> dict[str, float]:
 
 # --- the recipe --------------------------------------------------------------------------------------------
 def load_model(config: SFTConfig, path: str) -> nn.Module:
-    model = make_lean(load_causal_lm(path, pick_dtype(config.dtype)))
+    model = make_lean(load_causal_lm(path, pick_dtype(config.dtype, trained=not config.use_lora)))
     if config.gradient_checkpointing:
         enable_checkpointing(model)
     # wrap_lora reads only the lora_* settings, which SFTConfig shares with GRPOConfig.
