@@ -108,6 +108,14 @@ def test_reference_answer(reference, expected):
         (r"\boxed{\sqrt{3}/2}", r"\frac{\sqrt{2}}{2}", 0.0),
         (r"\boxed{x^2+1}", "x^2-1", 0.0),
         ("<answer>0.33</answer>", r"\frac{1}{3}", 0.0),
+        # asked for a number, an expression of the right value restates the question: not an answer
+        ("<answer>47 + 38</answer>", "85", 0.0),
+        ("<answer>80+5</answer>", "85", 0.0),
+        ("<answer>90 - 5</answer>", "85", 0.0),
+        (r"\boxed{17 \times 5}", "85", 0.0),
+        ("<answer>47 + 38 = 85</answer>", "85", 0.0),
+        (r"\boxed{2^{3}}", "8", 0.0),
+        ("<answer>-85</answer>", "-85", 1.0),
         # words compare as text: math-verify would read both as the product p·a·r·i·s
         ("<answer>Pairs</answer>", "Paris", 0.0),
         ("<answer>paris</answer>", "Paris", 1.0),

@@ -94,6 +94,9 @@ NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 THOUSANDS_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 # Letters and spaces only: math-verify would read "Paris" as the product p·a·r·i·s and match "Pairs".
 WORDS = re.compile(r"[^\W\d_]+(?:\s+[^\W\d_]+)*")
+# An operation between numbers: asked for a number, "47 + 38" restates the question (math-verify would
+# evaluate it to 85 and pass it). A fraction ("1/2", "\\frac{1}{2}") is a number's form and passes.
+ARITHMETIC = re.compile(r"[\d)}]\s*(?:[-+*×·^=]|\\times|\\cdot|\\div)\s*[\d({\\]")
 # Seconds a math-verify comparison may take: far more than an ordinary answer needs, so that only one
 # whose evaluation runs away is cut off.
 DEFAULT_TIMEOUT_S = 1.0
@@ -118,7 +121,8 @@ def answers_equivalent(predicted: str, reference: str, timeout: float = DEFAULT_
     """Whether two extracted answers are equal: exactly for plain numbers and word answers (fast, and
     math-verify would only blur them), by math-verify's mathematical equivalence otherwise —
     ``\\frac{1}{2}`` = 0.5, ``\\sqrt{2}/2`` = ``\\frac{\\sqrt{2}}{2}``, 50\\% = 0.5. An equivalence check
-    that runs past ``timeout`` seconds counts as no match."""
+    that runs past ``timeout`` seconds counts as no match. Where the reference is a plain number, an
+    arithmetic expression ("47 + 38", ``17 \\times 5``) is not an answer, whatever its value."""
     predicted, reference = predicted.strip(), reference.strip()
     if not predicted:
         return False
@@ -126,6 +130,8 @@ def answers_equivalent(predicted: str, reference: str, timeout: float = DEFAULT_
         return True
     plain_numbers = _as_number(predicted) is not None and _as_number(reference) is not None
     if plain_numbers or WORDS.fullmatch(predicted) or WORDS.fullmatch(reference):
+        return False
+    if _as_number(reference) is not None and ARITHMETIC.search(predicted):
         return False
     return _MATH_VERIFY.equivalent(reference, predicted, timeout)
 
