@@ -153,7 +153,8 @@ def test_exact_answer_reads_the_last_assistant_turn_only():
     assert exact_answer([None, None], [right_then_wrong, no_turn], ["832", "832"]) == [0.0, 0.0]
 
 
-def test_the_general_accuracy_reward_scores_an_expression_which_is_why_the_task_has_its_own():
+def test_an_expression_in_the_answer_tags_scores_nothing_under_the_general_accuracy_reward_either():
+    """It once did (math-verify evaluated 16 * 52 to 832): GRPO found that within seven steps."""
     rows = [{"prompt": calculator("test")[0]["prompt"], "answer": "832"}]
     values = score_groups(build_rewards(["accuracy"]), rows, [trajectory("<answer>16 * 52</answer>")]).values
-    assert values.tolist() == [[1.0]]
+    assert values.tolist() == [[0.0]]

@@ -455,7 +455,7 @@ class GRPOConfig(OptimizerSettings, LoRALayerSettings, ModelSettings):
 # task its tools and room for its turns. Spec strings, so that the settings import nothing of the task code.
 TASK_SETTINGS: dict[str, dict[str, object]] = {
     # (grpo.data.agent_tasks: an episode that calls one tool and answers takes about 60 tokens)
-    # (an expression in the answer tags scores under math-verify: the task's own exact_answer instead)
+    # (exact_answer: digits in the final turn's answer tags, the answer the tool gave)
     "calculator": {
         "tools": ["grpo.data.agent_tasks:add", "grpo.data.agent_tasks:multiply"],
         "reward_funcs": ["grpo.data.agent_tasks:exact_answer", "format"],

@@ -145,9 +145,9 @@ ANSWER_NUMBER = re.compile(r"<answer>\s*(-?\d+)\s*</answer>\s*$")  # the last th
 
 def exact_answer(prompts: list, completions: list, answer: list, **_: Any) -> list[float]:
     """The calculator task's accuracy: 1.0 when the final assistant message's ``<answer>`` holds the right
-    integer, digits only, else 0.0. The general ``accuracy`` reward does not do here: math-verify evaluates
-    an expression, so ``<answer>16 * 52</answer>`` scores as 832 — which GRPO found within seven steps, and
-    the policy stopped calling tools."""
+    integer, digits only, as the last thing said, else 0.0. (The general ``accuracy`` reward once scored
+    ``<answer>16 * 52</answer>`` as 832 through math-verify — GRPO found that within seven steps, and the
+    policy stopped calling tools; it refuses expressions now, but reads answers anywhere in the text.)"""
     scores = []
     for completion, expected in zip(completions, answer):
         said = [m for m in completion if m.get("role") == "assistant"] if isinstance(completion, list) else []
