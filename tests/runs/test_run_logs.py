@@ -147,7 +147,7 @@ def test_the_logging_settings_are_checked():
     from grpo.errors import ConfigError
 
     assert load_config(overrides={"report_to": "none", "log_completions": "0"}).log_completions == 0
-    with pytest.raises(ConfigError, match="report_to must be one of tensorboard, none; got 'wandb'"):
-        load_config(overrides={"report_to": "wandb"})
+    with pytest.raises(ConfigError, match="report_to must be none or some of tensorboard, trackio, wandb"):
+        load_config(overrides={"report_to": "mlflow"})
     with pytest.raises(ConfigError, match="log_completions must not be negative, got -1"):
         load_config(overrides={"log_completions": "-1"})

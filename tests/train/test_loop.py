@@ -38,7 +38,7 @@ class Log:
         pass
 
     @contextlib.contextmanager
-    def tensorboard_open(self, step: int) -> Iterator[None]:
+    def trackers_open(self, step: int) -> Iterator[None]:
         yield
 
 

@@ -30,6 +30,16 @@ from grpo.errors import ConfigError
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
+# Where report_to may send the logged metrics (grpo.runs.trackers), besides metrics.jsonl.
+REPORT_TARGETS = ("tensorboard", "trackio", "wandb")
+
+
+def report_targets(report_to: str) -> list[str]:
+    """The trackers a ``report_to`` value names: some of REPORT_TARGETS, comma-separated, or "none"."""
+    names = [name.strip() for name in report_to.split(",") if name.strip()]
+    return [] if names == ["none"] else names
+
+
 @dataclass
 class GRPOConfig(OptimizerSettings, LoRALayerSettings, ModelSettings):
     """`grpo train`'s settings: dtype, gradient_checkpointing, the LoRA adapters' shape and place,
@@ -300,7 +310,24 @@ class GRPOConfig(OptimizerSettings, LoRALayerSettings, ModelSettings):
     them (0 = none)."""
     report_to: Text = "tensorboard"
     """Where the logged metrics also go, as TRL's report_to: "tensorboard" (event files in
-    output_dir/tensorboard/, for `tensorboard --logdir`) or "none". metrics.jsonl is always written."""
+    output_dir/tensorboard/, for `tensorboard --logdir`), "trackio" (local-first: `trackio show`), "wandb"
+    (offline unless WANDB_MODE says otherwise: output_dir/wandb/, for `wandb sync`), several of them
+    comma-separated, or "none". metrics.jsonl is always written. trackio and wandb are extras:
+    pip install 'grpo[trackio]' or 'grpo[wandb]'."""
+
+    def check_report_to(self) -> None:
+        """Known trackers, each installed: a missing extra is found before the run starts, not after."""
+        names = report_targets(self.report_to)
+        if self.report_to.strip() != "none" and (not names or any(n not in REPORT_TARGETS for n in names)):
+            raise ConfigError(
+                f"report_to must be none or some of {', '.join(REPORT_TARGETS)}, comma-separated; "
+                f"got {self.report_to!r}"
+            )
+        for name in names:
+            if name != "tensorboard" and not module_available(name):
+                raise ConfigError(
+                    f"report_to {name}: the {name} package is not installed (pip install 'grpo[{name}]')"
+                )
 
     @property
     def generation_batch(self) -> int:
@@ -365,11 +392,11 @@ class GRPOConfig(OptimizerSettings, LoRALayerSettings, ModelSettings):
                 "reward_failure": ("stop", "zero", "skip_group"),
                 "supervision": ("outcome", "process"),
                 "algorithm": ("grpo", "rloo", "reinforce", "softmax_weighted", "ppo"),
-                "report_to": ("tensorboard", "none"),
                 "generation_backend": ("default", "paged", "vllm"),
                 "lr_scheduler_type": LR_SCHEDULERS,
             },
         )
+        self.check_report_to()
         if self.generation_backend == "vllm" and not module_available("vllm"):
             raise ConfigError(
                 "generation_backend 'vllm' needs the vllm package, which is not installed "

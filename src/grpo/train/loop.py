@@ -42,6 +42,7 @@ from grpo.rollout.batch import ScoredBatch
 from grpo.runs.diagnostics import Watch, held_out_scores
 from grpo.runs.layout import METRICS_FILE, SAMPLES_FILE, TENSORBOARD_DIR, append_line, read_jsonl
 from grpo.runs.samples import sample_records
+from grpo.runs.trackers import Tracker, open_trackers
 from grpo.train import sharding
 from grpo.train.distributed import Ranks
 
@@ -141,12 +142,14 @@ class RunLog:
         log_completions: int,
         report_to: str,
         notify: Callable[[str], None],
+        settings: dict[str, Any] | None = None,
     ):
         self.output_dir, self.reward_names, self.tokenizer = output_dir, reward_names, tokenizer
         self.log_completions, self.report_to, self.notify = log_completions, report_to, notify
+        self.settings = settings or {}  # the run's settings, for the trackers that keep them
         self.logged: list[dict[str, float]] = []  # the lines of metrics.jsonl
         self.watch = Watch()  # the diagnostic warnings shown so far (each once, until it clears)
-        self.tensorboard: Any = None  # a SummaryWriter while the loop runs, under report_to "tensorboard"
+        self.trackers: list[Tracker] = []  # open while the loop runs (report_to)
 
     def start_fresh(self) -> None:
         """A run from step 0: drop what an earlier attempt that never reached a checkpoint logged."""
@@ -159,11 +162,9 @@ class RunLog:
         if self.log_completions and batch is not None:
             records = sample_records(batch, self.reward_names, self.tokenizer, self.log_completions)
             append_line(self.output_dir / SAMPLES_FILE, json.dumps({"step": step, "samples": records}))
-        if self.tensorboard is not None:
-            for key, value in metrics.items():
-                if key != "step":
-                    self.tensorboard.add_scalar(key, value, step)
-            self.tensorboard.flush()
+        scalars = {key: value for key, value in metrics.items() if key != "step"}
+        for tracker in self.trackers:
+            tracker.log(scalars, step)
         scores = held_out_scores(self.output_dir, up_to=step)
         held_out = [(at, summary["solved"]) for at, summary in scores]
         for finding in self.watch.check(self.logged, held_out):
@@ -187,20 +188,16 @@ class RunLog:
             write_text_atomic(samples_file, "".join(json.dumps(s) + "\n" for s in samples))
 
     @contextlib.contextmanager
-    def tensorboard_open(self, step: int) -> Iterator[None]:
-        """A SummaryWriter for the loop's scalars (report_to "tensorboard"), dropping the steps after
-        ``step`` that a cut-short attempt had logged."""
-        if self.report_to != "tensorboard":
-            yield
-            return
-        from torch.utils.tensorboard import SummaryWriter  # (imports tensorboard: only when asked for)
-
-        self.tensorboard = SummaryWriter(str(self.output_dir / TENSORBOARD_DIR), purge_step=step + 1)
+    def trackers_open(self, step: int) -> Iterator[None]:
+        """The trackers ``report_to`` names, open for the loop that continues after ``step`` (TensorBoard
+        drops the steps after it that a cut-short attempt had logged)."""
+        self.trackers = open_trackers(self.report_to, self.output_dir, step, self.settings)
         try:
             yield
         finally:
-            self.tensorboard.close()
-            self.tensorboard = None
+            for tracker in self.trackers:
+                tracker.close()
+            self.trackers = []
 
 
 def resume_logs(log: RunLog, state: dict[str, Any], rng: dict[str, Any], ranks: Ranks) -> int:
@@ -273,8 +270,10 @@ def run_loop(
             f"continue with: grpo train --resume {log.output_dir}",
         )
 
-    tensorboard = log.tensorboard_open(trainer.step) if trainer.step < max_steps else contextlib.nullcontext()
-    with signals.installed(), tensorboard:
+    # (the first rank writes the logs: only it opens the trackers)
+    opened = trainer.step < max_steps and ranks.is_main
+    trackers = log.trackers_open(trainer.step) if opened else contextlib.nullcontext()
+    with signals.installed(), trackers:
         while trainer.step < max_steps:
             rng_at_start = capture_rng()
             try:

@@ -12,6 +12,7 @@ import torch
 
 from grpo.accel.install import Speedups, install
 from grpo.config.grpo import GRPOConfig
+from grpo.config.loading import to_dict
 from grpo.data.prompts import Row
 from grpo.models.policy import PolicyAndReference
 from grpo.models.structure import is_sharded
@@ -59,7 +60,9 @@ def trainer_parts(
         update=update,
         signals=StopSignals(notify),
         checkpoints=Checkpoints(output_dir, config.save_total_limit, ranks),
-        log=RunLog(output_dir, names, tokenizer, config.log_completions, config.report_to, notify),
+        log=RunLog(
+            output_dir, names, tokenizer, config.log_completions, config.report_to, notify, to_dict(config)
+        ),
     )
 
 
