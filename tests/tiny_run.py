@@ -22,13 +22,16 @@ def length_reward(prompts, completions, **columns):
 HOSTILE = "<script>document.title='pwned'</script><img src=x onerror=\"document.title='pwned'\">"
 
 
-def train_tiny_run(tiny_model: Path, directory: Path, *flags: str, steps: int = 3) -> tuple[Path, str]:
+def train_tiny_run(
+    tiny_model: Path, directory: Path, *flags: str, steps: int = 3, subsets: bool = False
+) -> tuple[Path, str]:
     """Train ``steps`` steps with held-out scores before, at step 2 (of a longer run) and after; return the
-    run directory and what the command printed."""
+    run directory and what the command printed. ``subsets``: the rows name one ("even" or "odd" b)."""
     directory.mkdir(parents=True, exist_ok=True)
     dataset = directory / "sums.jsonl"
     rows = [
         {"prompt": [{"role": "user", "content": f"What is {a} + {b}? {HOSTILE}"}], "answer": str(a + b)}
+        | ({"subset": "odd" if b % 2 else "even"} if subsets else {})
         for a in range(4)
         for b in range(4)
     ]

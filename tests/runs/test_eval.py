@@ -152,6 +152,20 @@ def test_greedy_summary_has_pass_and_maj_at_1(canned_generate):
     assert [r["voted"] for r in records] == ["7", "5", "1", "2"]
 
 
+def test_rows_with_a_subset_are_also_scored_per_subset(canned_generate):
+    names = ["seen", "unseen", "seen", "unseen"]
+    rows = [{**row, "subset": name} for row, name in zip(canned_generate, names)]
+    rewards = build_rewards(["accuracy", "format"])
+    summary, records = evaluate(None, None, rows, rewards, max_completion_length=8)
+    # greedy: "seen" rows solved, wrong; "unseen" rows wrong, right but not in the format
+    assert summary["solved/seen"] == pytest.approx(1 / 2)
+    assert summary["solved/unseen"] == pytest.approx(0.0)
+    assert summary["solved"] == pytest.approx(1 / 4)
+    assert [r["subset"] for r in records] == ["seen", "unseen", "seen", "unseen"]
+    plain, _ = evaluate(None, None, canned_generate, build_rewards(["accuracy"]), max_completion_length=8)
+    assert not any(key.startswith("solved/") for key in plain)
+
+
 def test_no_maj_at_k_without_answers(canned_generate):
     rows = [{"prompt": row["prompt"]} for row in canned_generate]
     summary, records = evaluate(

@@ -135,6 +135,18 @@ def test_report_to_none_and_no_completions_leave_out_tensorboard_and_samples(tin
     assert '<section id="samples">' not in (output / "report.html").read_text()
 
 
+def test_held_out_subsets_are_reported_before_and_after(tiny_model, tmp_path):
+    output, printed = train_tiny_run(tiny_model, tmp_path, steps=1, subsets=True)
+    summary = json.loads((output / "summary.json").read_text())
+    after = json.loads((output / "eval_after.json").read_text())["summary"]
+    before = json.loads((output / "eval_before.json").read_text())["summary"]
+    assert list(summary["held_out_subsets"]) == ["even", "odd"]
+    for name, (was, now) in summary["held_out_subsets"].items():
+        assert (was, now) == (before[f"solved/{name}"], after[f"solved/{name}"])
+        assert f"  {name}: {was:.1%} → {now:.1%}" in printed
+        assert f"… {name}" in (output / "report.html").read_text()
+
+
 def test_ppo_logs_the_mean_of_its_per_token_advantages(tiny_model, tmp_path):
     output, _ = train_tiny_run(tiny_model, tmp_path, "--algorithm", "ppo", "--log-completions", "2", steps=1)
     (line,) = jsonl(output / "samples.jsonl")

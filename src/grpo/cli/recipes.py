@@ -340,6 +340,9 @@ def _run_training(config: GRPOConfig, console: Console, ranks: distributed.Ranks
         console.print(
             f"held-out solved (right answer in the asked format): {before:.1%} → {after['solved']:.1%}"
         )
+        for subset, (subset_before, subset_after) in summary["held_out_subsets"].items():
+            was = f"{subset_before:.1%}" if subset_before is not None else "–"
+            console.print(f"  {subset}: {was} → {subset_after:.1%}")
     return summary
 
 
@@ -382,4 +385,10 @@ def run_summary(
         "held_out_solved_before": before["solved"] if before else None,
         "held_out_solved_after": after["solved"] if after else None,
         "held_out_during": [{"step": step, **scores(path)} for step, path in during if step <= last_step],
+        # each subset of the held-out rows (a "subset" column), before → after
+        "held_out_subsets": {
+            key.removeprefix("solved/"): [(before or {}).get(key), value]
+            for key, value in (after or {}).items()
+            if key.startswith("solved/")
+        },
     }

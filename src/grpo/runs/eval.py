@@ -86,6 +86,10 @@ def maj_at_k(answers: Sequence[str | None], reference: Any, k: int) -> float:
     return sum(answer_is_right(voted, reference) for voted in votes) / len(votes)
 
 
+# A held-out row's optional column naming the part of the split it belongs to, scored apart as well.
+SUBSET_COLUMN = "subset"
+
+
 def evaluate(
     model: nn.Module,
     tokenizer: Any,
@@ -103,6 +107,9 @@ def evaluate(
     agent: Agent | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Greedy (one sample) or sampled (``num_samples`` > 1) scores; returns (summary, one record per row).
+
+    Rows with a ``subset`` column (a name, such as the default task's ``unseen_phrasings``) are also scored
+    per subset: ``solved/<name>`` in the summary, ``subset`` in their records.
 
     A completion is *solved* when every reward function gives it full marks (≥ 1.0): with the accuracy and
     format rewards that is strict accuracy — the right answer in the asked format. Learned scores without a
@@ -164,6 +171,8 @@ def evaluate(
                 "voted": voted,
                 "voted_right": None if reference is None else answer_is_right(voted, reference),
             }
+            if isinstance(row.get(SUBSET_COLUMN), str):
+                record[SUBSET_COLUMN] = row[SUBSET_COLUMN]
             if trajectories is not None:
                 record["trajectories"] = [episode_fields(e) for e in trajectories[group]]
             records.append(record)
@@ -171,6 +180,9 @@ def evaluate(
     solved_counts = [sum(r["solved"]) for r in records]
     summary: dict[str, float] = {"rows": float(len(records)), "samples_per_row": float(num_samples)}
     summary["solved"] = sum(solved_counts) / (len(records) * num_samples)
+    for subset in dict.fromkeys(r[SUBSET_COLUMN] for r in records if SUBSET_COLUMN in r):
+        counts = [c for c, r in zip(solved_counts, records) if r.get(SUBSET_COLUMN) == subset]
+        summary[f"solved/{subset}"] = sum(counts) / (len(counts) * num_samples)
     for f, reward in enumerate(rewards):
         summary[f"reward/{reward.name}"] = torch.nanmean(scores[:, f]).item()
     for k in ks:

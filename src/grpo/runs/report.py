@@ -245,6 +245,9 @@ def _summary_section(run: RunFiles) -> str:
         before, after = s.get("held_out_solved_before"), s.get("held_out_solved_after")
         if before is not None or after is not None:
             row("held-out solved (right answer in the asked format)", f"{pct(before)} → <b>{pct(after)}</b>")
+        subsets = s.get("held_out_subsets")
+        for subset, (subset_before, subset_after) in (subsets if isinstance(subsets, dict) else {}).items():
+            row(f"… {subset}", f"{pct(subset_before)} → <b>{pct(subset_after)}</b>")
         if s.get("reward_first_steps") is not None:
             row(
                 "mean training reward, first / last steps",
