@@ -161,7 +161,11 @@ def test_rows_with_a_subset_are_also_scored_per_subset(canned_generate):
     assert summary["solved/seen"] == pytest.approx(1 / 2)
     assert summary["solved/unseen"] == pytest.approx(0.0)
     assert summary["solved"] == pytest.approx(1 / 4)
+    assert summary["rows/seen"] == summary["rows/unseen"] == 2
     assert [r["subset"] for r in records] == ["seen", "unseen", "seen", "unseen"]
+    levels = [{**row, "subset": level} for row, level in zip(canned_generate, [1, 1, None, 2])]
+    summary, records = evaluate(None, None, levels, rewards, max_completion_length=8)
+    assert (summary["rows/1"], summary["rows/2"]) == (2, 1) and "subset" not in records[2]
     plain, _ = evaluate(None, None, canned_generate, build_rewards(["accuracy"]), max_completion_length=8)
     assert not any(key.startswith("solved/") for key in plain)
 

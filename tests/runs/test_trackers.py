@@ -10,6 +10,8 @@ from tiny_run import train_tiny_run
 
 from grpo.config.loading import load_config
 from grpo.errors import ConfigError
+from grpo.runs import trackers
+from grpo.runs.trackers import run_name, trackers_open
 
 
 @pytest.fixture(autouse=True)
@@ -41,10 +43,10 @@ def test_trackio_and_wandb_get_every_logged_step_beside_tensorboard(tiny_model, 
     metrics = logged(output)
     expected = [(m["step"], {k: v for k, v in m.items() if k != "step"}) for m in metrics]
 
-    trackio_rows = SQLiteStorage.get_logs("grpo", output.name)
+    trackio_rows = SQLiteStorage.get_logs("grpo", run_name(output))
     got = [(row["step"], {k: row[k] for k in expected[0][1]}) for row in trackio_rows]
     assert got == expected
-    config = SQLiteStorage.get_run_config("grpo", output.name)
+    config = SQLiteStorage.get_run_config("grpo", run_name(output))
     assert config["learning_rate"] == 1e-2 and config["max_steps"] == 3
 
     assert sent_to_wandb == expected
@@ -62,3 +64,33 @@ def test_a_tracker_that_is_unknown_or_not_installed_is_refused_before_the_run(mo
     with pytest.raises(ConfigError, match=r"report_to wandb: the wandb package is not installed"):
         load_config(overrides={"report_to": "trackio,wandb"})
     assert load_config(overrides={"report_to": "trackio"}).report_to == "trackio"
+
+
+def test_trackers_close_marked_failed_when_the_run_fails_and_a_bad_close_hides_nothing(monkeypatch, tmp_path):
+    closed, said = [], []
+
+    class Fine:
+        def __init__(self, *args):
+            pass
+
+        def log(self, metrics, step):
+            pass
+
+        def close(self, failed):
+            closed.append(("fine", failed))
+
+    class BadClose(Fine):
+        def close(self, failed):
+            raise OSError("disk full")
+
+    monkeypatch.setitem(trackers.TRACKERS, "trackio", BadClose)
+    monkeypatch.setitem(trackers.TRACKERS, "wandb", Fine)
+    opening = trackers_open("trackio,wandb,wandb", tmp_path, 0, {}, said.append)
+    with pytest.raises(KeyError, match="the run's own error"), opening as opened:
+        assert [type(t) for t in opened] == [BadClose, Fine]  # each once
+        raise KeyError("the run's own error")
+    assert closed == [("fine", True)]
+    assert said == ["warning: BadClose did not close cleanly: disk full"]
+    with trackers_open("wandb", tmp_path, 0, {}, said.append):
+        pass
+    assert closed[-1] == ("fine", False)

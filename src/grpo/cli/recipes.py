@@ -342,7 +342,7 @@ def _run_training(config: GRPOConfig, console: Console, ranks: distributed.Ranks
         )
         for subset, (subset_before, subset_after) in summary["held_out_subsets"].items():
             was = f"{subset_before:.1%}" if subset_before is not None else "–"
-            console.print(f"  {subset}: {was} → {subset_after:.1%}")
+            console.print(f"  {subset}: {was} → {subset_after:.1%}", markup=False, highlight=False)
     return summary
 
 

@@ -36,7 +36,7 @@ REPORT_TARGETS = ("tensorboard", "trackio", "wandb")
 
 def report_targets(report_to: str) -> list[str]:
     """The trackers a ``report_to`` value names: some of REPORT_TARGETS, comma-separated, or "none"."""
-    names = [name.strip() for name in report_to.split(",") if name.strip()]
+    names = [name.strip().lower() for name in report_to.split(",") if name.strip()]
     return [] if names == ["none"] else names
 
 
@@ -318,7 +318,8 @@ class GRPOConfig(OptimizerSettings, LoRALayerSettings, ModelSettings):
     def check_report_to(self) -> None:
         """Known trackers, each installed: a missing extra is found before the run starts, not after."""
         names = report_targets(self.report_to)
-        if self.report_to.strip() != "none" and (not names or any(n not in REPORT_TARGETS for n in names)):
+        unknown = not names or any(name not in REPORT_TARGETS for name in names)
+        if self.report_to.strip().lower() != "none" and unknown:
             raise ConfigError(
                 f"report_to must be none or some of {', '.join(REPORT_TARGETS)}, comma-separated; "
                 f"got {self.report_to!r}"

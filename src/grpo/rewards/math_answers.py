@@ -94,9 +94,24 @@ NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 THOUSANDS_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 # Letters and spaces only: math-verify would read "Paris" as the product p·a·r·i·s and match "Pairs".
 WORDS = re.compile(r"[^\W\d_]+(?:\s+[^\W\d_]+)*")
-# An operation between numbers: asked for a number, "47 + 38" restates the question (math-verify would
-# evaluate it to 85 and pass it). A fraction ("1/2", "\\frac{1}{2}") is a number's form and passes.
-ARITHMETIC = re.compile(r"[\d)}]\s*(?:[-+*×·^=]|\\times|\\cdot|\\div)\s*[\d({\\]")
+# Asked for a number, a bare arithmetic expression of numbers ("47 + 38", "17 \\times 5", "100 ÷ 4")
+# restates the question: math-verify would evaluate it and pay the reward. A fraction ("1/2",
+# "\\frac{1}{2}"), a power (3 \\times 10^{8}), units and equations ("x = 5") are not bare arithmetic.
+LATEX_SPACING = re.compile(r"\\[,;:! ]|\\q?quad\b|~|\$")
+OPERATORS = {r"\times": "*", r"\cdot": "*", r"\div": "*", "×": "*", "·": "*", "÷": "*", "−": "-"}
+OPERAND = r"\(*\s*-?\d+(?:\.\d+)?\s*\)*"
+BARE_ARITHMETIC = re.compile(rf"{OPERAND}(?:\s*[-+*/]\s*{OPERAND})+")
+FRACTION = re.compile(rf"{OPERAND}/{OPERAND}")
+
+
+def is_bare_arithmetic(text: str) -> bool:
+    text = LATEX_SPACING.sub(" ", text)
+    for operator, plain in OPERATORS.items():
+        text = text.replace(operator, plain)
+    text = text.strip()
+    return BARE_ARITHMETIC.fullmatch(text) is not None and FRACTION.fullmatch(text.replace(" ", "")) is None
+
+
 # Seconds a math-verify comparison may take: far more than an ordinary answer needs, so that only one
 # whose evaluation runs away is cut off.
 DEFAULT_TIMEOUT_S = 1.0
@@ -131,7 +146,7 @@ def answers_equivalent(predicted: str, reference: str, timeout: float = DEFAULT_
     plain_numbers = _as_number(predicted) is not None and _as_number(reference) is not None
     if plain_numbers or WORDS.fullmatch(predicted) or WORDS.fullmatch(reference):
         return False
-    if _as_number(reference) is not None and ARITHMETIC.search(predicted):
+    if _as_number(reference) is not None and is_bare_arithmetic(predicted):
         return False
     return _MATH_VERIFY.equivalent(reference, predicted, timeout)
 

@@ -108,8 +108,8 @@ def evaluate(
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Greedy (one sample) or sampled (``num_samples`` > 1) scores; returns (summary, one record per row).
 
-    Rows with a ``subset`` column (a name, such as the default task's ``unseen_phrasings``) are also scored
-    per subset: ``solved/<name>`` in the summary, ``subset`` in their records.
+    Rows with a ``subset`` column (a name: "seen phrasings", "level 3") are also scored per subset:
+    ``solved/<name>`` and ``rows/<name>`` in the summary, ``subset`` in their records.
 
     A completion is *solved* when every reward function gives it full marks (≥ 1.0): with the accuracy and
     format rewards that is strict accuracy — the right answer in the asked format. Learned scores without a
@@ -171,8 +171,8 @@ def evaluate(
                 "voted": voted,
                 "voted_right": None if reference is None else answer_is_right(voted, reference),
             }
-            if isinstance(row.get(SUBSET_COLUMN), str):
-                record[SUBSET_COLUMN] = row[SUBSET_COLUMN]
+            if row.get(SUBSET_COLUMN) is not None:
+                record[SUBSET_COLUMN] = str(row[SUBSET_COLUMN])  # (a level given as a number too)
             if trajectories is not None:
                 record["trajectories"] = [episode_fields(e) for e in trajectories[group]]
             records.append(record)
@@ -183,6 +183,7 @@ def evaluate(
     for subset in dict.fromkeys(r[SUBSET_COLUMN] for r in records if SUBSET_COLUMN in r):
         counts = [c for c, r in zip(solved_counts, records) if r.get(SUBSET_COLUMN) == subset]
         summary[f"solved/{subset}"] = sum(counts) / (len(counts) * num_samples)
+        summary[f"rows/{subset}"] = float(len(counts))
     for f, reward in enumerate(rewards):
         summary[f"reward/{reward.name}"] = torch.nanmean(scores[:, f]).item()
     for k in ks:

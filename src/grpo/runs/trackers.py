@@ -5,14 +5,16 @@ way. TensorBoard writes event files to ``output_dir/tensorboard/``. trackio is l
 under ``$TRACKIO_DIR`` (default ``~/.cache/huggingface/trackio``), shown by ``trackio show``. Weights &
 Biases runs offline unless ``WANDB_MODE`` says otherwise (no account, no network): its files go to
 ``output_dir/wandb/``, for ``wandb sync`` later. The project is ``grpo`` (``TRACKIO_PROJECT``,
-``WANDB_PROJECT`` to change it) and the run is named after its output directory; a resumed run continues
-the same tracker run.
+``WANDB_PROJECT`` to change it) and the run is named after its output directory (with a hash of its path);
+a resumed run continues the same tracker run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,7 +27,17 @@ PROJECT = "grpo"
 class Tracker(Protocol):
     def log(self, metrics: dict[str, float], step: int) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, failed: bool) -> None: ...
+
+
+def path_hash(output_dir: Path) -> str:
+    return hashlib.sha256(str(output_dir.resolve()).encode()).hexdigest()[:16]
+
+
+def run_name(output_dir: Path) -> str:
+    """The tracker run's name: the output directory's, made unique by a hash of its whole path (a pipeline's
+    stages are all called ``grpo``), and the same again when the run resumes."""
+    return f"{output_dir.name}-{path_hash(output_dir)[:8]}"
 
 
 class TensorBoard:
@@ -40,7 +52,7 @@ class TensorBoard:
             self.writer.add_scalar(key, value, step)
         self.writer.flush()
 
-    def close(self) -> None:
+    def close(self, failed: bool) -> None:
         self.writer.close()
 
 
@@ -48,15 +60,20 @@ class Trackio:
     def __init__(self, output_dir: Path, step: int, config: dict[str, Any]):
         import trackio
 
-        project = os.environ.get("TRACKIO_PROJECT", PROJECT)
         self.run = trackio.init(
-            project=project, name=output_dir.name, config=config, resume="allow", embed=False
+            project=os.environ.get("TRACKIO_PROJECT", PROJECT),
+            name=run_name(output_dir),
+            config=config,
+            resume="allow",
+            embed=False,
+            auto_log_cpu=False,  # (a thread sampling the machine: not asked for)
+            auto_log_gpu=False,
         )
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(metrics, step=step)
 
-    def close(self) -> None:
+    def close(self, failed: bool) -> None:
         self.run.finish()
 
 
@@ -64,28 +81,45 @@ class WandB:
     def __init__(self, output_dir: Path, step: int, config: dict[str, Any]):
         import wandb
 
-        # One id per output directory, so that a resumed run continues the same W&B run.
-        run_id = hashlib.sha256(str(output_dir.resolve()).encode()).hexdigest()[:16]
         self.run = wandb.init(
             project=os.environ.get("WANDB_PROJECT", PROJECT),
             name=output_dir.name,
-            id=run_id,
+            id=path_hash(output_dir),  # (so that a resumed run continues the same W&B run)
             resume="allow",
-            dir=str(output_dir),
+            dir=os.environ.get("WANDB_DIR", str(output_dir)),
             config=config,
             mode=os.environ.get("WANDB_MODE", "offline"),
+            settings=wandb.Settings(console="off"),  # (the run's own output stays the terminal's)
         )
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(metrics, step=step)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 TRACKERS: dict[str, type] = {"tensorboard": TensorBoard, "trackio": Trackio, "wandb": WandB}
 
 
-def open_trackers(report_to: str, output_dir: Path, step: int, config: dict[str, Any]) -> list[Tracker]:
-    """The trackers ``report_to`` names, open for a loop that continues after ``step``."""
-    return [TRACKERS[name](output_dir, step, config) for name in report_targets(report_to)]
+@contextlib.contextmanager
+def trackers_open(
+    report_to: str, output_dir: Path, step: int, config: dict[str, Any], notify: Callable[[str], None]
+) -> Iterator[list[Tracker]]:
+    """The trackers ``report_to`` names, open for a loop that continues after ``step``; each is closed
+    (marked failed if the loop raised), a tracker that fails to close said so without hiding why."""
+    trackers: list[Tracker] = []
+    failed = False
+    try:
+        for name in dict.fromkeys(report_targets(report_to)):
+            trackers.append(TRACKERS[name](output_dir, step, config))
+        yield trackers
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        for tracker in trackers:
+            try:
+                tracker.close(failed)
+            except Exception as error:  # (closing is best effort: the run's own files are written)
+                notify(f"warning: {type(tracker).__name__} did not close cleanly: {error}")

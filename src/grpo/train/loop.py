@@ -42,7 +42,7 @@ from grpo.rollout.batch import ScoredBatch
 from grpo.runs.diagnostics import Watch, held_out_scores
 from grpo.runs.layout import METRICS_FILE, SAMPLES_FILE, TENSORBOARD_DIR, append_line, read_jsonl
 from grpo.runs.samples import sample_records
-from grpo.runs.trackers import Tracker, open_trackers
+from grpo.runs.trackers import Tracker, trackers_open
 from grpo.train import sharding
 from grpo.train.distributed import Ranks
 
@@ -191,13 +191,12 @@ class RunLog:
     def trackers_open(self, step: int) -> Iterator[None]:
         """The trackers ``report_to`` names, open for the loop that continues after ``step`` (TensorBoard
         drops the steps after it that a cut-short attempt had logged)."""
-        self.trackers = open_trackers(self.report_to, self.output_dir, step, self.settings)
-        try:
-            yield
-        finally:
-            for tracker in self.trackers:
-                tracker.close()
-            self.trackers = []
+        with trackers_open(self.report_to, self.output_dir, step, self.settings, self.notify) as trackers:
+            self.trackers = trackers
+            try:
+                yield
+            finally:
+                self.trackers = []
 
 
 def resume_logs(log: RunLog, state: dict[str, Any], rng: dict[str, Any], ranks: Ranks) -> int:
