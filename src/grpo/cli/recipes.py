@@ -145,7 +145,7 @@ def checkpoint_to_resume(config: GRPOConfig, output_dir: Path) -> Path | None:
         return None
     # A setting the run does not name did not exist yet: that run had its default.
     saved, current = field_defaults(GRPOConfig) | recorded, to_dict(config)
-    # (dtype is checked as it resolves on this machine when the checkpoint's weights load: train.loop)
+    # (dtype is compared as this machine resolves it, once the model is loaded: check_weight_dtypes)
     same = RESUMABLE_CHANGES | {"dtype"}
     changed = [name for name in current if name not in same and saved.get(name) != current[name]]
     if changed:
