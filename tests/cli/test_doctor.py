@@ -149,6 +149,9 @@ def test_rows_against_the_prompts_a_step_takes():
     )
     unshuffled = data_line(config(shuffle_dataset=False), 18, 1)
     assert unshuffled.startswith("✗") and "the last 2 rows are never trained on" in unshuffled
+    # A run that ends within the first epoch reads its rows in order, a tail or not (the arithmetic task).
+    in_order = data_line(config(shuffle_dataset=False), 2002, 1)
+    assert in_order.startswith("✓ data") and in_order.endswith("read in order: rows 1–120")
 
 
 def test_the_held_out_line_counts_the_rows_scored_and_their_time():

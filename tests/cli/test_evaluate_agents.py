@@ -13,7 +13,7 @@ import yaml
 from agent_model import QUESTION, write_tool
 from typer.testing import CliRunner
 
-import grpo.config.grpo
+import grpo.config.tasks
 import grpo.data.tasks
 from grpo.cli.evaluate import AgentSettings, default_completion_length, eval_agent_settings
 from grpo.cli.main import app
@@ -151,7 +151,7 @@ def test_string_prompts_cannot_run_episodes(tmp_path):
 def agent_task(monkeypatch):
     """A built-in agent task "tooltask" as helper tasks declare one: its tools and room in TASK_SETTINGS."""
     monkeypatch.setitem(
-        grpo.config.grpo.TASK_SETTINGS,
+        grpo.config.tasks.TASK_SETTINGS,
         "tooltask",
         {"tools": "task_tools:add,task_tools:sub", "max_turns": 5, "max_completion_length": 200},
     )

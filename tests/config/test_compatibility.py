@@ -338,7 +338,7 @@ def test_the_ppo_settings_are_the_fields_documented_as_ppo_s():
 
 
 def test_an_agent_tasks_settings_name_the_data_codes_tools():
-    from grpo.config.grpo import TASK_SETTINGS
+    from grpo.config.tasks import TASK_SETTINGS
     from grpo.data.agent_tasks import CALCULATOR_TOOLS
 
     assert TASK_SETTINGS["calculator"]["tools"] == CALCULATOR_TOOLS

@@ -28,12 +28,16 @@ def test_defaults_validate():
     GRPOConfig().validate()
 
 
-def test_load_config_without_file_or_overrides_gives_the_defaults():
-    assert load_config() == GRPOConfig()
+# The default dataset is the built-in arithmetic task, which reads its curriculum in order.
+DEFAULT_RUN = dataclasses.replace(GRPOConfig(), shuffle_dataset=False)
+
+
+def test_load_config_without_file_or_overrides_gives_the_defaults_and_the_default_tasks_settings():
+    assert load_config() == DEFAULT_RUN
 
 
 def test_empty_yaml_file_gives_the_defaults(tmp_path):
-    assert load_config(write_yaml(tmp_path, "")) == GRPOConfig()
+    assert load_config(write_yaml(tmp_path, "")) == DEFAULT_RUN
 
 
 def test_yaml_values_replace_the_defaults(tmp_path):

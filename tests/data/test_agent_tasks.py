@@ -10,7 +10,7 @@ import pytest
 from transformers.utils import get_json_schema
 
 from grpo.agents.tools import call_tool, load_tools
-from grpo.config.grpo import TASK_SETTINGS
+from grpo.config.tasks import TASK_SETTINGS
 from grpo.data.agent_tasks import (
     CALCULATOR_EXAMPLES,
     CALCULATOR_TOOLS,

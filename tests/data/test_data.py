@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -341,6 +340,16 @@ def test_sampler_without_shuffle_keeps_file_order():
     assert [p for s in range(3) for p in prompts(sampler.batch(s))] == prompts(ROWS)
 
 
+def test_further_draws_of_an_unshuffled_sampler_come_from_the_rows_reached():
+    """Dynamic sampling's extra prompts keep to a curriculum: step 1 of 4-row batches has reached rows 0–7."""
+    sampler = PromptSampler(ROWS, 4, seed=1, shuffle=False)
+    drawn = {p for draw in range(1, 20) for p in prompts(sampler.batch(1, draw))}
+    assert drawn <= set(prompts(ROWS[:8])) and len(drawn) > 4
+    shuffled = PromptSampler(ROWS, 4, seed=1)
+    assert {p for draw in range(1, 20) for p in prompts(shuffled.batch(1, draw))} == set(prompts(ROWS))
+    assert sampler.batch(1, 3) == sampler.batch(1, 3), "determined by (seed, step, draw)"
+
+
 def test_sampler_batches_never_straddle_epochs_when_rows_do_not_divide():
     rows = ROWS[:10]
     sampler = PromptSampler(rows, 4, seed=2)  # 2 full batches per epoch; 2 rows left out each epoch
@@ -356,48 +365,6 @@ def test_sampler_with_fewer_rows_than_a_batch_repeats_rows_to_fill_it():
         batch = prompts(sampler.batch(step))
         assert len(batch) == 8
         assert set(batch) == set(prompts(rows))
-
-
-# --- built-in task ------------------------------------------------------------------------------------
-
-QUESTION = re.compile(r"What is (\d+) \+ (\d+)\?")
-
-
-def question(row: dict) -> str:
-    return row["prompt"][-1]["content"]
-
-
-def test_arithmetic_split_sizes():
-    assert len(load_rows("arithmetic", "train")) == 2000
-    assert len(load_rows("arithmetic", "test")) == 200
-
-
-def test_arithmetic_test_split_shares_no_question_with_train():
-    train = {question(row) for row in load_rows("arithmetic", "train")}
-    test = {question(row) for row in load_rows("arithmetic", "test")}
-    assert len(test) == 200
-    assert not train & test
-
-
-@pytest.mark.parametrize("split", ["train", "test"])
-def test_arithmetic_answers_are_the_correct_sums(split):
-    for row in load_rows("arithmetic", split):
-        assert row["prompt"][-1]["role"] == "user"
-        a, b = map(int, QUESTION.fullmatch(question(row)).groups())
-        assert row["answer"] == str(a + b)
-
-
-def test_arithmetic_is_deterministic():
-    assert load_rows("arithmetic", "test") == load_rows("arithmetic", "test")
-
-
-def test_arithmetic_default_split_is_train():
-    assert load_rows("arithmetic") == load_rows("arithmetic", "train")
-
-
-def test_arithmetic_unknown_split_is_a_data_error():
-    with pytest.raises(DataError, match=r"arithmetic: no split 'validation' \(train, test\)"):
-        load_rows("arithmetic", "validation")
 
 
 # --- properties: whatever the file holds, checked rows or one DataError ------------------------------------

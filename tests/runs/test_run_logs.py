@@ -145,6 +145,12 @@ def test_held_out_subsets_are_reported_before_and_after(tiny_model, tmp_path):
         assert (was, now) == (before[f"solved/{name}"], after[f"solved/{name}"])
         assert f"  {name}: {was:.1%} → {now:.1%}" in printed
         assert f"… {name}" in (output / "report.html").read_text()
+    # The held-out table gives each subset's curve: a column of it at every scoring.
+    held_out_table = (
+        (output / "report.html").read_text().split("<h3>Held-out scores</h3>")[1].split("</table>")[0]
+    )
+    assert "<th>solved</th><th>… even</th><th>… odd</th>" in held_out_table
+    assert f"<td>{before['solved/even']:.1%}</td>" in held_out_table.split("</tr>")[1]
 
 
 def test_ppo_logs_the_mean_of_its_per_token_advantages(tiny_model, tmp_path):

@@ -145,6 +145,8 @@ def data_line(c: GRPOConfig, rows: int, world_size: int) -> str:
         f"{rows:,} rows, {per_step} prompts a step{processes}: {per_epoch:,} steps an epoch; "
         f"{c.max_steps} steps = {c.max_steps / per_epoch:.2g} epochs"
     )
+    if not c.shuffle_dataset and c.max_steps <= per_epoch:
+        return row(OK, "data", f"{text}; read in order: rows 1–{c.max_steps * per_step:,}")
     if not left:
         return row(OK, "data", text)
     if not c.shuffle_dataset:

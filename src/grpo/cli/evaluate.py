@@ -16,8 +16,9 @@ import torch
 
 from grpo.accel.lean_layers import make_lean
 from grpo.cli.recipes import check_reward_columns
-from grpo.config.grpo import ALIASES, TASK_SETTINGS, GRPOConfig
+from grpo.config.grpo import ALIASES, GRPOConfig
 from grpo.config.loading import convert, read_yaml
+from grpo.config.tasks import TASK_SETTINGS
 from grpo.data.prompts import load_rows
 from grpo.data.tasks import COMPLETION_LENGTHS
 from grpo.errors import CheckpointError, ConfigError, ModelError

@@ -102,7 +102,8 @@ class GRPOConfig(OptimizerSettings, LoRALayerSettings, ModelSettings):
     max_prompt_length: Integer = 512
     """Prompts longer than this many tokens are rejected with the row's number."""
     shuffle_dataset: Boolean = True
-    """Shuffle the training prompts (seeded) each epoch."""
+    """Shuffle the training prompts (seeded) each epoch. The built-in arithmetic task turns it off: its
+    training rows are a curriculum, read in order."""
 
     # --- generation --------------------------------------------------------------------------------------
     num_generations: Integer = 8
@@ -477,22 +478,6 @@ class GRPOConfig(OptimizerSettings, LoRALayerSettings, ModelSettings):
                 if present:
                     raise ConfigError(f"tools and environment run multi-turn episodes, which {what} cannot")
         check_settings_act(self)  # last: every value is possible; now, does each act in this run?
-
-
-# The settings a built-in task brings, under those a user gives (grpo.config.loading.load_config): an agent
-# task its tools and room for its turns. Spec strings, so that the settings import nothing of the task code.
-TASK_SETTINGS: dict[str, dict[str, object]] = {
-    # (grpo.data.agent_tasks: an episode that calls one tool and answers takes about 60 tokens)
-    # (exact_answer: digits in the final turn's answer tags, the answer the tool gave)
-    "calculator": {
-        "tools": ["grpo.data.agent_tasks:add", "grpo.data.agent_tasks:multiply"],
-        "reward_funcs": ["grpo.data.agent_tasks:exact_answer", "format"],
-        "max_completion_length": 96,
-        "max_steps": 12,
-        "eval_max_samples": 100,
-        "eval_steps": 0,
-    },
-}
 
 
 # Short flags that TRL users and the README use; each maps onto a field.

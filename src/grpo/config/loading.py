@@ -26,8 +26,9 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 from pydantic_core import ErrorDetails
 
-from grpo.config.grpo import ALIASES, TASK_SETTINGS, GRPOConfig
+from grpo.config.grpo import ALIASES, GRPOConfig
 from grpo.config.stages import STAGE_ALIASES
+from grpo.config.tasks import TASK_SETTINGS
 from grpo.config.values import TYPE_WORDS
 from grpo.errors import ConfigError
 

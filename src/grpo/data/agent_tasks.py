@@ -10,7 +10,7 @@ half (it often calls a tool that does not exist, "divide" for a product): room t
 worked example the model copied the example's last turn (an answer, no call) in 32 of 32 samples; with two
 additions only, greedy decoding solved every question, so nothing was left to learn.
 
-The tools are spec strings in ``grpo.config.grpo.TASK_SETTINGS`` so that grpo.data need not import
+The tools are spec strings in ``grpo.config.tasks.TASK_SETTINGS`` so that grpo.data need not import
 grpo.agents; the system message here holds only the task's instruction, and the agent code appends the block
 that shows the model its tools and the call format.
 """

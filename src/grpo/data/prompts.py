@@ -181,12 +181,14 @@ class PromptSampler:
 
         ``draw`` > 0 gives further prompts for the same step (dynamic sampling asks for more when groups
         carry no signal): rows drawn at random, but determined by (seed, step, draw), so a resumed run
-        draws the same ones.
+        draws the same ones. Unshuffled rows are read in order (a curriculum, say), so their draws come
+        from the rows reached by this step.
         """
         if draw > 0:
             chooser = random.Random(f"{self.seed}/{step}/{draw}")
-            picks = chooser.sample(range(len(self.rows)), min(self.batch_size, len(self.rows)))
-            picks += [chooser.randrange(len(self.rows)) for _ in range(self.batch_size - len(picks))]
+            reached = len(self.rows) if self.shuffle else min(len(self.rows), (step + 1) * self.batch_size)
+            picks = chooser.sample(range(reached), min(self.batch_size, reached))
+            picks += [chooser.randrange(reached) for _ in range(self.batch_size - len(picks))]
             return [self.rows[i] for i in picks]
         per_epoch = max(1, len(self.rows) // self.batch_size)
         epoch, position = divmod(step, per_epoch)

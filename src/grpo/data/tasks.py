@@ -2,13 +2,13 @@
 
 "arithmetic" is the default task, generated; "gsm8k" is GSM8K's word problems, shipped with the package and
 read only when asked for; "calculator" is an agent task (grpo.data.agent_tasks), whose tools and rewards a
-run gets from grpo.config.grpo.TASK_SETTINGS.
+run gets from grpo.config.tasks.TASK_SETTINGS.
 
-"arithmetic" asks small additions; the answer must come inside ``<answer></answer>`` tags. The prompt shows
-the format once, in a worked example turn. Without any example SmolLM2-135M-Instruct never uses the tags
-(0/64 sampled), so GRPO would see no reward to learn from; with the example it sometimes does and often
-writes the sum outside the tags, which leaves room to learn. The README gives the measured before/after
-figures.
+"arithmetic" asks additions; the answer must come inside ``<answer></answer>`` tags. The prompt shows the
+format once, in a worked example turn. Without any example SmolLM2-135M-Instruct never uses the tags (0/64
+sampled), so GRPO would see no reward to learn from; with the example it sometimes does and often writes the
+sum outside the tags, which leaves room to learn. docs/default-task-design.md has the measurements behind its
+design, the README the default run's figures.
 """
 
 from __future__ import annotations
@@ -28,41 +28,103 @@ from grpo.errors import DataError
 ARITHMETIC_SYSTEM = "Solve the sum, then give the final number inside <answer></answer> tags."
 
 
-ARITHMETIC_EXAMPLE = ("What is 3 + 4?", "3 + 4 = 7\n<answer>7</answer>")
+# Two-digit terms with a carry: the default model, greedy, solves more sums of both kinds after this example
+# than after a one-digit one (docs/default-task-design.md).
+ARITHMETIC_EXAMPLE = ("What is 27 + 45?", "27 + 45 = 72\n<answer>72</answer>")
 
 
-ARITHMETIC_SIZES = {"train": 2000, "test": 200}
+# Training asks in these words; two-digit sums are also held out in words never used in training.
+TRAIN_PHRASINGS = (
+    "What is {a} + {b}?",
+    "Add {a} and {b}.",
+    "What is the sum of {a} and {b}?",
+    "Compute {a} plus {b}.",
+)
+HELD_OUT_PHRASINGS = (
+    "Find the total of {a} and {b}.",
+    "How much is {a} plus {b}?",
+    "{a} and {b} added together make what?",
+    "If you add {b} to {a}, what do you get?",
+)
 
 
-def arithmetic_questions() -> list[tuple[int, int]]:
-    """Every question of the task: a + b with a in 0..99 and b in 0..9 (1,000 in all)."""
+# The held-out split's two subsets (the `subset` column, scored apart): questions like the first default
+# task's (a < 100, b < 10, "What is a + b?"), and two-digit + two-digit sums in the held-out phrasings.
+SMALL_SUMS, TWO_DIGIT_NEW_WORDS = "small_sums", "two_digit_new_phrasings"
+
+
+ARITHMETIC_SIZES = {"train": 2000, "test": 400}
+
+
+# The training split is a curriculum, read in order (TASK_SETTINGS turns shuffling off): the first 15 steps
+# of the default run (4 prompts a step) ask small sums in one phrasing, to learn the answer format on the
+# easiest sums; the rest are half small sums, half two-digit sums, in the four training phrasings.
+ARITHMETIC_FIRST_ROWS = 60
+
+
+def small_sums() -> list[tuple[int, int]]:
+    """a + b with a in 0..99 and b in 0..9 (1,000 questions)."""
     return [(a, b) for a in range(100) for b in range(10)]
 
 
+def two_digit_sums() -> list[tuple[int, int]]:
+    """a + b with a and b in 10..99, but the worked example's (8,098 questions): most carry."""
+    example = {(27, 45), (45, 27)}
+    return [(a, b) for a in range(10, 100) for b in range(10, 100) if (a, b) not in example]
+
+
+Questions = dict[str, tuple[tuple[int, int], ...]]
+
+
+@functools.lru_cache(maxsize=1)
+def arithmetic_questions() -> tuple[Questions, Questions]:
+    """(held out, training pool) of each subset: the held-out questions are seeded draws, and the training
+    pools hold no held-out question in either order (``b + a`` for a held-out ``a + b`` is not trained on)."""
+    rng = random.Random(1234)
+    held_out, pools = {}, {}
+    for subset, questions in ((SMALL_SUMS, small_sums()), (TWO_DIGIT_NEW_WORDS, two_digit_sums())):
+        rng.shuffle(questions)
+        held = questions[: ARITHMETIC_SIZES["test"] // 2]
+        unseen = set(held) | {(b, a) for a, b in held}
+        held_out[subset] = tuple(held)
+        pools[subset] = tuple(question for question in questions if question not in unseen)
+    return held_out, pools
+
+
 def arithmetic(split: str) -> list[dict[str, Any]]:
-    """Rows {"prompt": chat messages, "answer": "<a+b>"}; the held-out split shares no question with train."""
+    """Rows {"prompt": chat messages, "answer": "<a+b>"}, and on the held-out split a "subset" column: small
+    sums and two-digit sums in new phrasings, alternating. The held-out split shares no question with
+    train, and two-digit sums are held out in words train never uses."""
     if split not in ARITHMETIC_SIZES:
         raise DataError(f"arithmetic: no split {split!r} ({', '.join(ARITHMETIC_SIZES)})")
-    questions = arithmetic_questions()
-    random.Random(1234).shuffle(questions)
-    held_out = questions[: ARITHMETIC_SIZES["test"]]
+    held_out, pools = arithmetic_questions()
     if split == "test":
-        chosen = held_out
-    else:
-        pool = questions[ARITHMETIC_SIZES["test"] :]
-        rng = random.Random(5678)
-        chosen = [pool[rng.randrange(len(pool))] for _ in range(ARITHMETIC_SIZES["train"])]
-    return [{"prompt": arithmetic_prompt(a, b), "answer": str(a + b)} for a, b in chosen]
+        rows = []
+        for index, (small, two_digit) in enumerate(zip(held_out[SMALL_SUMS], held_out[TWO_DIGIT_NEW_WORDS])):
+            rows.append(arithmetic_row(TRAIN_PHRASINGS[0], *small) | {"subset": SMALL_SUMS})
+            phrasing = HELD_OUT_PHRASINGS[index % len(HELD_OUT_PHRASINGS)]
+            rows.append(arithmetic_row(phrasing, *two_digit) | {"subset": TWO_DIGIT_NEW_WORDS})
+        return rows
+    rng = random.Random(5678)
+    rows = [
+        arithmetic_row(TRAIN_PHRASINGS[0], *rng.choice(pools[SMALL_SUMS]))
+        for _ in range(ARITHMETIC_FIRST_ROWS)
+    ]
+    for _ in range(ARITHMETIC_SIZES["train"] - ARITHMETIC_FIRST_ROWS):
+        pool = pools[rng.choice((SMALL_SUMS, TWO_DIGIT_NEW_WORDS))]
+        rows.append(arithmetic_row(rng.choice(TRAIN_PHRASINGS), *rng.choice(pool)))
+    return rows
 
 
-def arithmetic_prompt(a: int, b: int) -> list[dict[str, str]]:
+def arithmetic_row(phrasing: str, a: int, b: int) -> dict[str, Any]:
     question, worked = ARITHMETIC_EXAMPLE
-    return [
+    prompt = [
         {"role": "system", "content": ARITHMETIC_SYSTEM},
         {"role": "user", "content": question},
         {"role": "assistant", "content": worked},
-        {"role": "user", "content": f"What is {a} + {b}?"},
+        {"role": "user", "content": phrasing.format(a=a, b=b)},
     ]
+    return {"prompt": prompt, "answer": str(a + b)}
 
 
 def worked_answer(a: int, b: int, total: int) -> str:
@@ -101,7 +163,8 @@ def arithmetic_pairs(split: str) -> list[dict[str, Any]]:
 
 
 def question_terms(row: dict[str, Any]) -> tuple[int, int]:
-    a, b = row["prompt"][-1]["content"].removeprefix("What is ").removesuffix("?").split(" + ")
+    """The two numbers of a row's question, in the order it asks them."""
+    a, b = re.findall(r"\d+", row["prompt"][-1]["content"])
     return int(a), int(b)
 
 
