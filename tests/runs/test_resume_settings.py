@@ -33,6 +33,13 @@ def test_a_run_without_a_checkpoint_resumes_with_the_settings_of_its_config_yaml
     assert config.output_dir == str(run) and config.resume_from_checkpoint == str(run)
 
 
+def test_the_run_s_settings_lie_above_its_task_s(tmp_path):
+    """A run recorded with shuffling on (before the arithmetic task turned it off) resumes as it ran."""
+    run = started_run(tmp_path / "run", shuffle_dataset=True)
+    assert load_config(None, {"resume_from_checkpoint": str(run)}, base=resumed_base).shuffle_dataset is True
+    assert load_config(None, {}).shuffle_dataset is False, "a new run on the task reads it in order"
+
+
 def test_an_output_dir_given_with_the_resume_wins(tmp_path):
     run = started_run(tmp_path / "run")
     given = {"resume_from_checkpoint": str(run), "output_dir": str(tmp_path / "elsewhere")}
