@@ -266,7 +266,7 @@ def _summary_section(run: RunFiles) -> str:
     if run.held_out:
         rewards = sorted({k for _, summary in run.held_out for k in summary if k.startswith("reward/")})
         # each subset's solved share beside the whole's (a "subset" column in the held-out rows)
-        subsets = list(
+        subset_keys = list(
             dict.fromkeys(k for _, summary in run.held_out for k in summary if k.startswith("solved/"))
         )
         episodes = [c for c in EPISODE_COLUMNS if any(c[0] in summary for _, summary in run.held_out)]
@@ -274,13 +274,13 @@ def _summary_section(run: RunFiles) -> str:
             [
                 "held-out at",
                 "solved",
-                *(f"… {k.removeprefix('solved/')}" for k in subsets),
+                *(f"… {k.removeprefix('solved/')}" for k in subset_keys),
                 *rewards,
                 *(label for _, label, _ in episodes),
             ],
             (
                 [_held_out_label(step, i, len(run.held_out), run), pct(summary.get("solved"))]
-                + [pct(summary.get(k)) for k in subsets]
+                + [pct(summary.get(k)) for k in subset_keys]
                 + [fmt(summary.get(k), 3) for k in rewards]
                 + [show(summary.get(key)) for key, _, show in episodes]
                 for i, (step, summary) in enumerate(run.held_out)
